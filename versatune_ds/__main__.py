@@ -1,0 +1,3 @@
+from versatune_ds.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,438 @@
+"""The mixture math of VersaTune: initial weights, the γ/φ scores, the update rule and its guards.
+
+Pure functions over numpy arrays indexed by integer domain id (names never appear here; callers
+turn ids into names in messages and logs). Nothing here touches torch, files or global state.
+
+The update rule (DESIGN.md §1.4) in short:
+
+    γ_i = max((ℓ_i − ℓ_ref,i) / ℓ_i, 0)          learnable potential
+    φ_i = max((ℓ_i(t) − ℓ_i(t−1)) / ℓ_i(t−1), 0)  forgetting degree
+    log w ← log w + η·(α·γ + β·φ); softmax; smoothing toward the prior; floor; cap per update.
+
+`UpdateRule(rule="official")` is the released code's rule instead: `w ← w·exp(ℓ) / Σ_j w_j·exp(ℓ_j)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from versatune_ds.errors import UserError
+
+STRATEGIES = (
+    "versatune",
+    "versatune_static",
+    "uniform",
+    "proportional",
+    "inverse",
+    "fixed",
+    "target_only",
+    "target_plus_uniform",
+)
+RULES = ("versatune", "official")
+
+
+class MixtureError(UserError, ValueError):
+    """Bad mixture input (weights, losses, schedule, sampler state).
+
+    A `UserError` so the CLI shows it as one readable message, and a `ValueError` so code that
+    validates numbers can catch it the usual way.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers (messages name the domain id; the caller maps ids to names)
+
+
+def _as_weights(weights: Sequence[float] | np.ndarray, what: str = "weights") -> np.ndarray:
+    array = np.asarray(weights, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0:
+        raise MixtureError(f"{what} must be a non-empty 1-D sequence, got shape {array.shape}")
+    for domain_id, value in enumerate(array):
+        if not math.isfinite(value) or value < 0:
+            raise MixtureError(
+                f"{what}[{domain_id}] = {value!r}: every weight must be finite and >= 0"
+            )
+    if array.sum() <= 0:
+        raise MixtureError(f"{what} sum to 0 ({array.tolist()}): give at least one positive weight")
+    return array
+
+
+def _as_losses(losses: Sequence[float] | np.ndarray, what: str, num_domains: int) -> np.ndarray:
+    array = np.asarray(losses, dtype=np.float64)
+    if array.shape != (num_domains,):
+        raise MixtureError(f"{what} must have one value per domain ({num_domains}), got shape {array.shape}")
+    for domain_id, value in enumerate(array):
+        # A zero, negative or NaN loss would turn into NaN/inf weights two lines later; stop here.
+        if not math.isfinite(value) or value <= 0:
+            raise MixtureError(
+                f"{what} of domain {domain_id} is {value!r}: losses must be finite and > 0 "
+                "(a NaN/inf loss means training diverged; a zero loss means an empty or broken eval set)"
+            )
+    return array
+
+
+def _normalise(weights: np.ndarray) -> np.ndarray:
+    return weights / weights.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights → counts, floor, initial weights
+
+
+def largest_remainder_counts(weights: Sequence[float] | np.ndarray, total: int) -> np.ndarray:
+    """Integer counts proportional to `weights` that sum exactly to `total` (Hamilton's method).
+
+    Each domain gets floor(w_d·total); the leftover units go to the largest fractional parts,
+    ties broken by the lower domain id. A zero weight never gets a leftover unit.
+    """
+    array = _normalise(_as_weights(weights))
+    if int(total) != total or total < 0:
+        raise MixtureError(f"total must be a non-negative integer, got {total!r}")
+    quotas = array * int(total)
+    counts = np.floor(quotas).astype(np.int64)
+    leftover = int(total) - int(counts.sum())
+    fractions = quotas - counts
+    fractions[array == 0] = -1.0  # never hand a unit to a domain with weight 0
+    # lexsort: last key is primary → largest fraction first, then lowest id.
+    order = np.lexsort((np.arange(array.size), -fractions))
+    counts[order[:leftover]] += 1
+    assert counts.sum() == total, (counts, total)
+    return counts
+
+
+def apply_floor(weights: Sequence[float] | np.ndarray, floor: float) -> np.ndarray:
+    """Normalise `weights` and raise every weight to at least `floor`, keeping the sum at 1.
+
+    Domains below the floor are pinned to it; the remaining mass is shared by the others in
+    proportion to their weights (repeated until no free domain falls below the floor), so the
+    ratios between unaffected domains are kept.
+    """
+    array = _normalise(_as_weights(weights))
+    if not math.isfinite(floor) or floor < 0:
+        raise MixtureError(f"floor must be finite and >= 0, got {floor!r}")
+    if floor * array.size > 1 + 1e-12:
+        raise MixtureError(
+            f"floor {floor} times {array.size} domains is {floor * array.size:.4g} > 1: "
+            f"use a floor of at most {1 / array.size:.4g}"
+        )
+    if floor == 0:
+        return array
+    pinned = np.zeros(array.size, dtype=bool)
+    result = array.copy()
+    while True:  # ends: each pass pins at least one more domain or stops
+        free_mass = 1.0 - floor * pinned.sum()
+        free_total = array[~pinned].sum()
+        result = np.where(pinned, floor, array * (free_mass / free_total) if free_total > 0 else 0.0)
+        newly_pinned = (~pinned) & (result < floor)
+        if not newly_pinned.any():
+            break
+        pinned |= newly_pinned
+        if pinned.all():
+            result = np.full(array.size, 1.0 / array.size)
+            break
+    return result
+
+
+def initial_weights(
+    strategy: str,
+    *,
+    distribution: Sequence[float] | np.ndarray | None = None,
+    domain_sizes: Sequence[int] | np.ndarray | None = None,
+    fixed: Sequence[float] | np.ndarray | None = None,
+    floor: float = 0.0,
+    target_id: int | None = None,
+    target_share: float | None = None,
+    num_domains: int | None = None,
+) -> np.ndarray:
+    """Starting weights w0 for a strategy; sums to 1.
+
+    - `versatune`, `versatune_static`: the probed distribution p, with `floor` applied.
+    - `inverse`: ∝ 1 − p, with `floor` applied (a baseline favouring what the model knows least).
+    - `uniform`: 1/n.  `proportional`: ∝ domain_sizes.  `fixed`: the user's weights, normalised.
+    - `target_only`: one-hot on `target_id`.
+    - `target_plus_uniform`: `target_share` on the target, the rest split evenly among the others.
+
+    `floor` applies only to the strategies derived from the probe (versatune*, inverse); the
+    others are exactly what the user asked for. The number of domains comes from whichever of
+    distribution / domain_sizes / fixed / num_domains is given.
+    """
+    if strategy not in STRATEGIES:
+        raise MixtureError(f"unknown mixture strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    n = _num_domains(distribution, domain_sizes, fixed, num_domains)
+    if strategy in ("versatune", "versatune_static", "inverse"):
+        if distribution is None:
+            raise MixtureError(
+                f"strategy {strategy!r} needs the probed domain distribution: run the probe first "
+                "or pass distribution="
+            )
+        p = _normalise(_as_weights(distribution, "distribution"))
+        if strategy == "inverse":
+            base = 1.0 - p
+            # A single domain (or p one-hot over n=1) leaves nothing to invert; fall back to p.
+            p = base if base.sum() > 0 else p
+        return apply_floor(p, floor)
+    if strategy == "uniform":
+        return np.full(n, 1.0 / n)
+    if strategy == "proportional":
+        if domain_sizes is None:
+            raise MixtureError("strategy 'proportional' needs domain_sizes (number of items per domain)")
+        return _normalise(_as_weights(domain_sizes, "domain_sizes"))
+    if strategy == "fixed":
+        if fixed is None:
+            raise MixtureError("strategy 'fixed' needs the weights: set mixture.fixed_weights in the config")
+        return _normalise(_as_weights(fixed, "fixed weights"))
+    # target_only / target_plus_uniform
+    if target_id is None or not 0 <= target_id < n:
+        raise MixtureError(f"strategy {strategy!r} needs a target domain id in [0, {n}), got {target_id!r}")
+    weights = np.zeros(n)
+    if strategy == "target_only":
+        weights[target_id] = 1.0
+        return weights
+    if target_share is None or not 0.0 <= target_share <= 1.0:
+        raise MixtureError(f"strategy 'target_plus_uniform' needs target_share in [0, 1], got {target_share!r}")
+    if n == 1:
+        return np.ones(1)
+    weights[:] = (1.0 - target_share) / (n - 1)
+    weights[target_id] = target_share
+    return weights
+
+
+def _num_domains(*sources: object) -> int:
+    *arrays, num_domains = sources
+    for source in arrays:
+        if source is not None:
+            return int(np.asarray(source).size)
+    if num_domains is None or int(num_domains) < 1:
+        raise MixtureError("cannot tell the number of domains: pass distribution, domain_sizes, fixed or num_domains")
+    return int(num_domains)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def learnable_potential(losses: Sequence[float] | np.ndarray, ref_losses: Sequence[float] | np.ndarray) -> np.ndarray:
+    """γ_i = max((ℓ_i − ℓ_ref,i) / ℓ_i, 0): the fraction of the current loss a reference model removes."""
+    current = _as_losses(losses, "loss", np.asarray(losses).size)
+    reference = _as_losses(ref_losses, "reference loss", current.size)
+    return np.maximum((current - reference) / current, 0.0)
+
+
+def forgetting_degree(
+    losses: Sequence[float] | np.ndarray, prev_losses: Sequence[float] | np.ndarray | None
+) -> np.ndarray:
+    """φ_i = max((ℓ_i(t) − ℓ_i(t−1)) / ℓ_i(t−1), 0); zeros at the first evaluation (no previous loss)."""
+    current = _as_losses(losses, "loss", np.asarray(losses).size)
+    if prev_losses is None:
+        return np.zeros(current.size)
+    previous = _as_losses(prev_losses, "previous loss", current.size)
+    return np.maximum((current - previous) / previous, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The update
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """Knobs of the weight update. `max_change` is in absolute probability; None disables the cap."""
+
+    rule: str = "versatune"
+    alpha: float = 1.0
+    beta: float = 1.0
+    eta: float = 1.0
+    smoothing: float = 0.1
+    floor: float = 0.01
+    max_change: float | None = 0.2
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise MixtureError(f"update rule {self.rule!r} is unknown; choose one of {', '.join(RULES)}")
+        for name in ("alpha", "beta", "eta"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise MixtureError(f"update rule {name} must be finite and >= 0, got {value!r}")
+        if not 0.0 <= self.smoothing <= 1.0:
+            raise MixtureError(f"update rule smoothing must be in [0, 1], got {self.smoothing!r}")
+        if not math.isfinite(self.floor) or self.floor < 0:
+            raise MixtureError(f"update rule floor must be finite and >= 0, got {self.floor!r}")
+        if self.max_change is not None and not (math.isfinite(self.max_change) and self.max_change > 0):
+            raise MixtureError(f"update rule max_change must be > 0 or None, got {self.max_change!r}")
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """One update, everything needed to explain it afterwards (written to mixture.json)."""
+
+    losses: tuple[float, ...]
+    prev_losses: tuple[float, ...] | None
+    ref_losses: tuple[float, ...] | None
+    gamma: tuple[float, ...]
+    phi: tuple[float, ...]
+    scores: tuple[float, ...]
+    old_weights: tuple[float, ...]
+    new_weights: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "losses": list(self.losses),
+            "prev_losses": None if self.prev_losses is None else list(self.prev_losses),
+            "ref_losses": None if self.ref_losses is None else list(self.ref_losses),
+            "gamma": list(self.gamma),
+            "phi": list(self.phi),
+            "scores": list(self.scores),
+            "old_weights": list(self.old_weights),
+            "new_weights": list(self.new_weights),
+        }
+
+
+def update_weights(
+    weights: Sequence[float] | np.ndarray,
+    prior: Sequence[float] | np.ndarray,
+    losses: Sequence[float] | np.ndarray,
+    prev_losses: Sequence[float] | np.ndarray | None,
+    ref_losses: Sequence[float] | np.ndarray | None,
+    rule: UpdateRule,
+) -> WeightUpdate:
+    """New mixture weights from the per-domain held-out losses.
+
+    rule="versatune", in this exact order:
+      1. scores s = α·γ + β·φ (γ needs `ref_losses`; φ is 0 without `prev_losses`);
+      2. multiplicative step in log space: u = softmax(log w + η·s);
+      3. smoothing toward the prior (normally w0): v = (1 − c)·u + c·prior;
+      4. floor: t = apply_floor(v, floor), so every weight >= floor and Σt = 1;
+      5. cap: w_new = w + λ·(t − w) with one λ = min(1, max(λ_cap, λ_floor)), where
+         λ_cap = max_change / max_i |t_i − w_i| and λ_floor is the smallest step that lifts old
+         weights below the floor up to it. A convex combination of two probability vectors sums
+         to 1 with no renormalising, keeps the direction of the step, and keeps every weight that
+         was >= floor at >= floor (t is). So the cap and the floor both hold whenever the old
+         weights respect the floor (always, after the first update with the same floor); if they
+         do not (floor raised on resume, or w0 without a floor), the floor wins over the cap.
+    rule="official" (the released code): scores = current loss, η = 1, no smoothing/floor/cap:
+      w_new = w·exp(ℓ) / Σ_j w_j·exp(ℓ_j)  (computed with exp(ℓ − max ℓ), the same value, no overflow).
+
+    Both rules reject non-finite or non-positive losses/references with a MixtureError naming the
+    domain id and the value, so no NaN weight can ever come out.
+    """
+    old = _normalise(_as_weights(weights, "current weights"))
+    n = old.size
+    current = _as_losses(losses, "loss", n)
+    previous = None if prev_losses is None else _as_losses(prev_losses, "previous loss", n)
+    reference = None if ref_losses is None else _as_losses(ref_losses, "reference loss", n)
+    gamma = learnable_potential(current, reference) if reference is not None else np.zeros(n)
+    phi = forgetting_degree(current, previous)
+
+    if rule.rule == "official":
+        scores = current
+        scaled = old * np.exp(current - current.max())
+        new = scaled / scaled.sum()
+    else:
+        if reference is None:
+            raise MixtureError("the versatune update rule needs reference losses (ref_losses) for γ")
+        prior_array = _normalise(_as_weights(prior, "prior weights"))
+        if prior_array.size != n:
+            raise MixtureError(f"prior has {prior_array.size} weights, expected {n}")
+        scores = rule.alpha * gamma + rule.beta * phi
+        with np.errstate(divide="ignore"):  # log 0 = −inf is fine: that domain stays at 0 in the softmax
+            logits = np.log(old) + rule.eta * scores
+        stepped = np.exp(logits - logits.max())
+        stepped /= stepped.sum()
+        smoothed = (1.0 - rule.smoothing) * stepped + rule.smoothing * prior_array
+        target = apply_floor(smoothed, rule.floor)
+        new = _cap_step(old, target, rule.floor, rule.max_change)
+
+    assert np.all(np.isfinite(new)), new
+    return WeightUpdate(
+        losses=_tuple(current),
+        prev_losses=None if previous is None else _tuple(previous),
+        ref_losses=None if reference is None else _tuple(reference),
+        gamma=_tuple(gamma),
+        phi=_tuple(phi),
+        scores=_tuple(scores),
+        old_weights=_tuple(old),
+        new_weights=_tuple(new),
+    )
+
+
+def _cap_step(old: np.ndarray, target: np.ndarray, floor: float, max_change: float | None) -> np.ndarray:
+    """Step from `old` toward `target` by one shared fraction λ (see update_weights, step 5)."""
+    delta = target - old
+    largest = float(np.abs(delta).max())
+    if max_change is None or largest <= max_change:
+        return target
+    step = max_change / largest
+    below = old < floor  # target >= floor here, so delta > 0 for these domains
+    if below.any():
+        step = max(step, float(((floor - old[below]) / delta[below]).max()))
+    step = min(step, 1.0)
+    return old + step * delta
+
+
+def _tuple(array: np.ndarray) -> tuple[float, ...]:
+    return tuple(float(x) for x in array)
+
+
+# ----------------------------------------------------------------------------------------------
+# Domain expansion and token-unit mixing
+
+
+def expansion_target_share(step: int, *, start_share: float, cap: float, ramp_steps: int) -> float:
+    """The target's share at `step`: linear from `start_share` (step 0) to `cap` (step >= ramp_steps)."""
+    for name, value in (("start_share", start_share), ("cap", cap)):
+        if not 0.0 <= value <= 1.0:
+            raise MixtureError(f"domain expansion {name} must be in [0, 1], got {value!r}")
+    if step < 0:
+        raise MixtureError(f"step must be >= 0, got {step}")
+    if ramp_steps <= 0:
+        return float(cap)
+    progress = min(step / ramp_steps, 1.0)
+    return float(start_share + (cap - start_share) * progress)
+
+
+def expansion_weights(
+    other_weights: Sequence[float] | np.ndarray, target_id: int, target_share: float
+) -> np.ndarray:
+    """Weights with `target_share` on the target and the rest split ∝ `other_weights`.
+
+    `other_weights` has one entry per domain (the target's entry is ignored); the caller gets it
+    from the γ/φ update applied to the non-target domains. If the others all weigh 0, they split
+    the rest evenly.
+    """
+    others = np.asarray(other_weights, dtype=np.float64).copy()
+    n = others.size
+    if not 0 <= target_id < n:
+        raise MixtureError(f"target domain id {target_id} is out of range [0, {n})")
+    if not 0.0 <= target_share <= 1.0:
+        raise MixtureError(f"target_share must be in [0, 1], got {target_share!r}")
+    others[target_id] = 0.0
+    if not np.all(np.isfinite(others)) or np.any(others < 0):
+        raise MixtureError(f"other_weights must be finite and >= 0, got {others.tolist()}")
+    if n == 1:
+        return np.ones(1)
+    if others.sum() <= 0:
+        others[:] = 1.0
+        others[target_id] = 0.0
+    result = others / others.sum() * (1.0 - target_share)
+    result[target_id] = target_share
+    return result
+
+
+def item_weights_from_token_weights(
+    token_weights: Sequence[float] | np.ndarray, mean_tokens_per_item: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Item-sampling probabilities q_d ∝ w_d / mean_tokens_d, so each domain's share of tokens is w_d.
+
+    (Expected tokens from domain d per sampled item is q_d·mean_tokens_d ∝ w_d.)
+    """
+    weights = _as_weights(token_weights, "token weights")
+    mean_tokens = np.asarray(mean_tokens_per_item, dtype=np.float64)
+    if mean_tokens.shape != weights.shape:
+        raise MixtureError(f"mean_tokens_per_item has shape {mean_tokens.shape}, expected {weights.shape}")
+    for domain_id, value in enumerate(mean_tokens):
+        if not math.isfinite(value) or value <= 0:
+            raise MixtureError(f"mean tokens per item of domain {domain_id} is {value!r}: must be finite and > 0")
+    return _normalise(weights / mean_tokens)

@@ -54,7 +54,7 @@ def _as_weights(weights: Sequence[float] | np.ndarray, what: str = "weights") ->
     for domain_id, value in enumerate(array):
         if not math.isfinite(value) or value < 0:
             raise MixtureError(
-                f"{what}[{domain_id}] = {value!r}: every weight must be finite and >= 0"
+                f"{what}[{domain_id}] = {float(value)!r}: every weight must be finite and >= 0"
             )
     if array.sum() <= 0:
         raise MixtureError(f"{what} sum to 0 ({array.tolist()}): give at least one positive weight")
@@ -69,7 +69,7 @@ def _as_losses(losses: Sequence[float] | np.ndarray, what: str, num_domains: int
         # A zero, negative or NaN loss would turn into NaN/inf weights two lines later; stop here.
         if not math.isfinite(value) or value <= 0:
             raise MixtureError(
-                f"{what} of domain {domain_id} is {value!r}: losses must be finite and > 0 "
+                f"{what} of domain {domain_id} is {float(value)!r}: losses must be finite and > 0 "
                 "(a NaN/inf loss means training diverged; a zero loss means an empty or broken eval set)"
             )
     return array
@@ -434,5 +434,5 @@ def item_weights_from_token_weights(
         raise MixtureError(f"mean_tokens_per_item has shape {mean_tokens.shape}, expected {weights.shape}")
     for domain_id, value in enumerate(mean_tokens):
         if not math.isfinite(value) or value <= 0:
-            raise MixtureError(f"mean tokens per item of domain {domain_id} is {value!r}: must be finite and > 0")
+            raise MixtureError(f"mean tokens per item of domain {domain_id} is {float(value)!r}: must be finite and > 0")
     return _normalise(weights / mean_tokens)

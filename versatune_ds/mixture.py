@@ -15,7 +15,7 @@ The update rule (DESIGN.md §1.4) in short:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -43,8 +43,6 @@ class MixtureError(UserError, ValueError):
     """
 
 
-# ----------------------------------------------------------------------------------------------
-# Validation helpers (messages name the domain id; the caller maps ids to names)
 
 
 def _as_weights(weights: Sequence[float] | np.ndarray, what: str = "weights") -> np.ndarray:
@@ -79,8 +77,6 @@ def _normalise(weights: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-# ----------------------------------------------------------------------------------------------
-# Weights → counts, floor, initial weights
 
 
 def largest_remainder_counts(weights: Sequence[float] | np.ndarray, total: int) -> np.ndarray:
@@ -183,7 +179,7 @@ def initial_weights(
         return _normalise(_as_weights(domain_sizes, "domain_sizes"))
     if strategy == "fixed":
         if fixed is None:
-            raise MixtureError("strategy 'fixed' needs the weights: set mixture.fixed_weights in the config")
+            raise MixtureError("strategy 'fixed' needs the weights: set mixture.weights in the config")
         return _normalise(_as_weights(fixed, "fixed weights"))
     # target_only / target_plus_uniform
     if target_id is None or not 0 <= target_id < n:
@@ -203,16 +199,12 @@ def initial_weights(
 
 def _num_domains(*sources: object) -> int:
     *arrays, num_domains = sources
-    for source in arrays:
-        if source is not None:
-            return int(np.asarray(source).size)
-    if num_domains is None or int(num_domains) < 1:
+    sizes = [int(np.asarray(source).size) for source in arrays if source is not None]
+    if not sizes and (num_domains is None or int(num_domains) < 1):
         raise MixtureError("cannot tell the number of domains: pass distribution, domain_sizes, fixed or num_domains")
-    return int(num_domains)
+    return sizes[0] if sizes else int(num_domains)
 
 
-# ----------------------------------------------------------------------------------------------
-# Scores
 
 
 def learnable_potential(losses: Sequence[float] | np.ndarray, ref_losses: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -233,8 +225,6 @@ def forgetting_degree(
     return np.maximum((current - previous) / previous, 0.0)
 
 
-# ----------------------------------------------------------------------------------------------
-# The update
 
 
 @dataclass(frozen=True)
@@ -278,16 +268,11 @@ class WeightUpdate:
     new_weights: tuple[float, ...]
 
     def to_json(self) -> dict:
-        return {
-            "losses": list(self.losses),
-            "prev_losses": None if self.prev_losses is None else list(self.prev_losses),
-            "ref_losses": None if self.ref_losses is None else list(self.ref_losses),
-            "gamma": list(self.gamma),
-            "phi": list(self.phi),
-            "scores": list(self.scores),
-            "old_weights": list(self.old_weights),
-            "new_weights": list(self.new_weights),
-        }
+        return {f.name: _list_or_none(getattr(self, f.name)) for f in fields(self)}
+
+
+def _list_or_none(values: tuple[float, ...] | None) -> list[float] | None:
+    return None if values is None else list(values)
 
 
 def update_weights(
@@ -323,7 +308,7 @@ def update_weights(
     current = _as_losses(losses, "loss", n)
     previous = None if prev_losses is None else _as_losses(prev_losses, "previous loss", n)
     reference = None if ref_losses is None else _as_losses(ref_losses, "reference loss", n)
-    gamma = learnable_potential(current, reference) if reference is not None else np.zeros(n)
+    gamma = np.zeros(n) if reference is None else learnable_potential(current, reference)
     phi = forgetting_degree(current, previous)
 
     if rule.rule == "official":
@@ -376,8 +361,6 @@ def _tuple(array: np.ndarray) -> tuple[float, ...]:
     return tuple(float(x) for x in array)
 
 
-# ----------------------------------------------------------------------------------------------
-# Domain expansion and token-unit mixing
 
 
 def expansion_target_share(step: int, *, start_share: float, cap: float, ramp_steps: int) -> float:

@@ -1,0 +1,282 @@
+"""Tests for versatune_ds.classify (TF-IDF classifier, report, distribution) and versatune_ds.judge."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from versatune_ds.classify import (
+    TfidfConfig,
+    TfidfDomainClassifier,
+    estimate_distribution,
+    evaluate_classifier,
+    report_from_predictions,
+    train_tfidf_classifier,
+)
+from versatune_ds.errors import UserError
+
+# Three domains with disjoint vocabularies; sentences are drawn from them with a seeded generator.
+VOCAB = (
+    ("court", "judge", "statute", "plaintiff", "appeal", "verdict", "contract", "liability"),
+    ("patient", "dose", "symptom", "clinic", "therapy", "diagnosis", "tumor", "vaccine"),
+    ("function", "return", "loop", "variable", "compile", "python", "array", "integer"),
+)
+SMALL_CONFIG = TfidfConfig(word_max_features=2000, char_max_features=2000, min_df=1, c=10.0)
+
+
+def synthetic_corpus(num_per_domain: int, seed: int) -> tuple[list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    filler = ("the", "a", "of", "and", "is", "with")
+    texts, labels = [], []
+    for domain_id, words in enumerate(VOCAB):
+        for _ in range(num_per_domain):
+            chosen = list(rng.choice(words, size=4)) + list(rng.choice(filler, size=3))
+            texts.append(" ".join(rng.permutation(chosen)))
+            labels.append(domain_id)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def trained() -> TfidfDomainClassifier:
+    texts, labels = synthetic_corpus(40, seed=0)
+    return train_tfidf_classifier(texts, labels, 3, seed=0, config=SMALL_CONFIG, domain_names=("law", "medicine", "code"))
+
+
+def test_tfidf_learns_distinct_vocabularies(trained: TfidfDomainClassifier) -> None:
+    texts, labels = synthetic_corpus(20, seed=1)
+    report = evaluate_classifier(trained, texts, labels)
+    assert report.accuracy >= 0.95
+    assert report.num_examples == 60
+    probs = trained.predict_proba(texts)
+    assert probs.shape == (60, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    assert trained.predict_proba([]).shape == (0, 3)
+
+
+def test_tfidf_word_only_and_binary() -> None:
+    texts, labels = synthetic_corpus(20, seed=2)
+    keep = [i for i, label in enumerate(labels) if label < 2]
+    clf = train_tfidf_classifier(
+        [texts[i] for i in keep], [labels[i] for i in keep], 2, seed=0, config=TfidfConfig(use_char=False, min_df=1)
+    )
+    probs = clf.predict_proba(["the patient dose clinic", "the court appeal verdict"])
+    assert probs.shape == (2, 2)
+    assert probs[0].argmax() == 1 and probs[1].argmax() == 0
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+
+
+def test_save_load_round_trip_is_identical(trained: TfidfDomainClassifier, tmp_path) -> None:
+    texts, _ = synthetic_corpus(10, seed=3)
+    texts.append("unseen words only: zebra quantum")
+    trained.save(tmp_path / "clf")
+    loaded = TfidfDomainClassifier.load(tmp_path / "clf", domain_names=["law", "medicine", "code"])
+    assert np.array_equal(loaded.predict_proba(texts), trained.predict_proba(texts))
+    assert loaded.domain_names == ("law", "medicine", "code")
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    assert meta["domain_names"] == ["law", "medicine", "code"]
+    with np.load(tmp_path / "clf" / "classifier.npz", allow_pickle=False) as arrays:
+        assert all(arrays[key].dtype != object for key in arrays.files)
+
+
+def test_load_rejects_other_domains(trained: TfidfDomainClassifier, tmp_path) -> None:
+    trained.save(tmp_path / "clf")
+    with pytest.raises(UserError, match="trained for domains"):
+        TfidfDomainClassifier.load(tmp_path / "clf", domain_names=["medicine", "law", "code"])
+    with pytest.raises(UserError, match="no saved classifier"):
+        TfidfDomainClassifier.load(tmp_path / "missing")
+
+
+def test_train_rejects_bad_labels() -> None:
+    with pytest.raises(UserError, match="no training texts for domain ids \\[2\\]"):
+        train_tfidf_classifier(["a b", "c d"], [0, 1], 3, seed=0)
+    with pytest.raises(UserError, match="labels must be domain ids"):
+        train_tfidf_classifier(["a b", "c d"], [0, 5], 2, seed=0)
+
+
+def test_report_on_hand_built_case() -> None:
+    labels = [0, 0, 0, 1, 1, 2]
+    predicted = [0, 0, 1, 1, 2, 2]
+    report = report_from_predictions(predicted, labels, 4)
+    assert report.confusion == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert report.accuracy == pytest.approx(4 / 6)
+    assert report.precision == pytest.approx((1.0, 0.5, 0.5, 0.0))
+    assert report.recall == pytest.approx((2 / 3, 0.5, 1.0, 0.0))
+    assert report.num_examples == 6
+
+
+def test_estimate_distribution_mean_and_hard() -> None:
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    mean = estimate_distribution(probs, mode="mean", num_bootstrap=200, seed=0)
+    assert mean.p == pytest.approx(tuple(probs.mean(axis=0)), abs=1e-15)
+    assert mean.num_texts == 4 and mean.mode == "mean" and mean.confidence == 0.95
+    hard = estimate_distribution(probs, mode="hard", num_bootstrap=200, seed=0)
+    assert hard.p == pytest.approx((0.5, 0.25, 0.25))
+    for estimate in (mean, hard):
+        assert all(lo <= p <= hi for lo, p, hi in zip(estimate.ci_low, estimate.p, estimate.ci_high))
+    none = estimate_distribution(probs, num_bootstrap=0, seed=0)
+    assert none.ci_low == none.p == none.ci_high
+
+
+def test_estimate_distribution_ci_narrows_and_is_deterministic() -> None:
+    rng = np.random.default_rng(0)
+
+    def sample(n: int) -> np.ndarray:
+        return rng.dirichlet([2.0, 1.0, 1.0], size=n)
+
+    small = estimate_distribution(sample(50), seed=1)
+    large = estimate_distribution(sample(5000), seed=1)
+    widths_small = np.subtract(small.ci_high, small.ci_low)
+    widths_large = np.subtract(large.ci_high, large.ci_low)
+    assert np.all(widths_large < widths_small / 3)
+    assert all(lo <= p <= hi for lo, p, hi in zip(large.ci_low, large.p, large.ci_high))
+    probs = sample(100)
+    assert estimate_distribution(probs, seed=7) == estimate_distribution(probs, seed=7)
+    assert estimate_distribution(probs, seed=7) != estimate_distribution(probs, seed=8)
+
+
+def test_estimate_distribution_rejects_bad_input() -> None:
+    with pytest.raises(UserError, match="sum to 1"):
+        estimate_distribution(np.array([[0.5, 0.4]]), seed=0)
+    with pytest.raises(UserError, match="mode"):
+        estimate_distribution(np.array([[0.5, 0.5]]), mode="median", seed=0)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="shape"):
+        estimate_distribution(np.zeros((0, 3)), seed=0)
+
+
+# ---------------------------------------------------------------- LLM judge (tiny random Llama)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_tokenizer(chat: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    corpus = [
+        "Which domain does the following text belong to ? Text : Domains : Answer with the letter of one domain .",
+        "A B C D law medicine code the court patient function return dose appeal loop x",
+        "user assistant",
+    ]
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(corpus, trainer=trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<s>", "</s>"]))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
+    )
+    if chat:
+        tokenizer.chat_template = (
+            "<s>{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+            "{% if add_generation_prompt %}assistant :{% endif %}"
+        )
+    return tokenizer
+
+
+def tiny_llama(vocab_size: int):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(vocab_size: int):
+    # Absolute position embeddings: unlike RoPE (relative, so a shift by the padding cancels out),
+    # these catch a judge that lets left padding move the real tokens' positions.
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=256, initializer_range=0.5)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+JUDGE_TEXTS = [
+    "the court appeal",
+    "patient dose patient dose patient dose patient dose",
+    "function return",
+    "loop x loop x loop x loop x loop x loop x loop x",
+    "law",
+]
+
+
+@pytest.mark.parametrize(("chat", "make_model"), [(False, tiny_llama), (True, tiny_llama), (False, tiny_gpt2)])
+def test_judge_probabilities_and_batch_invariance(chat: bool, make_model) -> None:
+    from versatune_ds.judge import LlmJudgeClassifier
+
+    tokenizer = tiny_tokenizer(chat)
+    model = make_model(len(tokenizer))
+    names = ("law", "medicine", "code")
+    one = LlmJudgeClassifier(model, tokenizer, names, batch_size=1)
+    four = LlmJudgeClassifier(model, tokenizer, names, batch_size=4)
+    assert one.use_chat_template is chat
+    probs_one = one.predict_proba(JUDGE_TEXTS)
+    probs_four = four.predict_proba(JUDGE_TEXTS)
+    assert probs_one.shape == (5, 3)
+    np.testing.assert_allclose(probs_one.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(probs_four, probs_one, atol=1e-5)
+    assert not np.allclose(probs_one[0], probs_one[3], atol=1e-4)  # the text matters
+
+
+def test_judge_uses_label_token_logits() -> None:
+    from versatune_ds.judge import LlmJudgeClassifier
+
+    tokenizer = tiny_tokenizer(chat=False)
+    model = tiny_llama(len(tokenizer))
+    judge = LlmJudgeClassifier(model, tokenizer, ("law", "medicine", "code", "x"), batch_size=2)
+    letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "ABCD"]
+    assert judge.label_token_ids == letters
+    ids = judge.prompt_ids(JUDGE_TEXTS[1])
+    assert ids[0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].to(torch.float64)
+    expected = torch.softmax(logits[letters], dim=-1).numpy()
+    np.testing.assert_allclose(judge.predict_proba(JUDGE_TEXTS[:2])[1], expected, atol=1e-6)
+
+
+def test_judge_truncates_and_pads_forward_calls() -> None:
+    from versatune_ds.judge import LlmJudgeClassifier
+
+    tokenizer = tiny_tokenizer(chat=False)
+    model = tiny_llama(len(tokenizer))
+    judge = LlmJudgeClassifier(model, tokenizer, ("law", "code"), batch_size=2, max_text_tokens=3)
+    assert len(judge.prompt_ids("loop " * 100)) == len(judge.prompt_ids("loop loop loop"))
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, kwargs: calls.append(1))
+    try:
+        assert judge.forward_batches(3) == 2
+        probs = judge.predict_proba(JUDGE_TEXTS[:3], num_batches=5)
+        assert len(calls) == 5
+        assert probs.shape == (3, 2)
+        assert judge.predict_proba([], num_batches=1).shape == (0, 2)
+        assert len(calls) == 6
+    finally:
+        hook.remove()
+    with pytest.raises(UserError, match="num_batches=1"):
+        judge.predict_proba(JUDGE_TEXTS[:3], num_batches=1)
+
+
+def test_judge_rejects_labels_sharing_a_first_token() -> None:
+    from versatune_ds.judge import LlmJudgeClassifier
+
+    tokenizer = tiny_tokenizer(chat=False)  # letters E.. are unknown words -> all map to [UNK]
+    model = tiny_llama(len(tokenizer))
+    with pytest.raises(UserError, match="share first tokens"):
+        LlmJudgeClassifier(model, tokenizer, [f"d{i}" for i in range(6)])
+
+
+def test_judge_on_shared_tiny_model_with_bpe(tiny_model_dir) -> None:
+    # Byte-level BPE, as real judges use: " A" and "A" are different tokens, and the chat template path is taken.
+    from versatune_ds.judge import LlmJudgeClassifier
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    names = ("law", "medicine", "finance", "science", "code", "general")
+    judge = LlmJudgeClassifier(model, tokenizer, names, batch_size=3)
+    assert judge.use_chat_template
+    assert len(set(judge.label_token_ids)) == 6
+    texts = ["The court held the clause void.", "def f(x):\n    return x", "Revenue rose 12 percent.", "Fever."]
+    probs = judge.predict_proba(texts)
+    assert probs.shape == (4, 6)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(LlmJudgeClassifier(model, tokenizer, names, batch_size=1).predict_proba(texts), probs, atol=1e-5)

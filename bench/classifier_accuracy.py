@@ -33,6 +33,8 @@ VARIANTS = {
     "word+char_C1": TfidfConfig(use_char=True, c=1.0),
     "word+char_C10": TfidfConfig(use_char=True, c=10.0),
     "word+char_C30": TfidfConfig(use_char=True, c=30.0),
+    "word+char_C30_200k": TfidfConfig(use_char=True, c=30.0, word_max_features=200_000, char_max_features=200_000),
+    "word+char3-6_C30": TfidfConfig(use_char=True, c=30.0, char_ngram_min=3, char_ngram_max=6),
 }
 
 

@@ -459,3 +459,74 @@ def _write_innode(scratch: Path, hosts: Path, netns_by_node: dict[str, str]) -> 
     )
     script.chmod(0o755)
     return script
+
+
+# ---------------------------------------------------------------------------------------------
+# a stand-in for `python -m versatune_ds train`, to prove launchers and clusters without the real
+# trainer: same argv and environment contract, a gloo all_reduce per "step", the same outputs.
+
+STANDIN_MAIN = '''\
+"""Stand-in `versatune_ds train`: rank/world from the launcher's env, one gloo all_reduce per step."""
+import datetime, json, os, socket, subprocess, sys, time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+args = sys.argv[1:]
+assert args and args[0] == "train", f"stand-in: expected `train`, got {args}"
+overrides = dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("-"))
+resume = "--resume" in args and args[args.index("--resume") + 1] == "auto"
+run_dir = Path(overrides["train.run_dir"])
+max_steps = int(overrides.get("train.max_steps", "4"))
+sleep_s = float(overrides.get("standin.step_sleep_s", "0"))
+timeout_s = float(overrides.get("dist.timeout_s", "60"))
+
+env = os.environ
+if "RANK" in env:
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+else:  # srun: map SLURM_* like the real CLI
+    rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    if "MASTER_ADDR" not in env:
+        out = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True)
+        env["MASTER_ADDR"] = out.stdout.split()[0]
+    env.setdefault("MASTER_PORT", "29500")
+dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+hosts = [None] * world
+dist.all_gather_object(hosts, socket.gethostname())
+
+start = 0
+latest = run_dir / "checkpoints" / "latest"
+if resume and latest.exists():
+    start = int(latest.read_text().split("_")[1])
+if rank == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "start", "hosts": hosts, "world_size": world, "resumed_from": start}) + "\\n")
+for step in range(start + 1, max_steps + 1):
+    value = torch.tensor([float(rank + 1)])
+    dist.all_reduce(value)
+    assert value.item() == world * (world + 1) / 2, value
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\\n")
+        tag = f"step_{step:06d}"
+        (run_dir / "checkpoints" / tag).mkdir(parents=True, exist_ok=True)
+        latest.write_text(tag)
+    dist.barrier()
+    time.sleep(sleep_s)
+if rank == 0:
+    (run_dir / "final").mkdir(exist_ok=True)
+    (run_dir / "final" / "config.json").write_text("{}")
+    (run_dir / "final" / "model.safetensors").write_bytes(b"")
+dist.destroy_process_group()
+'''
+
+
+def write_standin_package(root: Path) -> Path:
+    """Write `root/versatune_ds/` (the stand-in); run launchers with REPO_DIR=root and cwd=root."""
+    package = root / "versatune_ds"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(STANDIN_MAIN)
+    return root

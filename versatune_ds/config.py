@@ -12,10 +12,12 @@ on the command line against the current directory, so a config works from wherev
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -276,8 +278,14 @@ UNIT_INTERVAL = (
 # Loading
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML config (or start from defaults when `path` is None), apply overrides, validate."""
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Sequence[str] = (), *, check_files: bool = True
+) -> RunConfig:
+    """Read a YAML config (or start from defaults when `path` is None), apply overrides, validate.
+
+    `check_files=False` validates everything except that data files exist (for example configs that
+    name cluster paths, checked on a machine that does not have them).
+    """
     raw: dict[str, Any] = {}
     lines: dict[str, int] = {}
     source = None
@@ -294,7 +302,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         try:
             node = yaml.compose(text)
             loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date-like scalar such as 2020-13-45
             raise UserError(f"config file {path} is not valid YAML: {exc}") from None
         if loaded is None:
             loaded = {}
@@ -312,32 +320,41 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     if problems:
         raise ConfigError(problems, source)
     cfg = _expand_named_domains(cfg)
-    problems = validate(cfg)
+    problems = validate(cfg, check_files=check_files)
     if problems:
         raise ConfigError([_with_line(p, lines, source) for p in problems], source)
     return cfg
 
 
-def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int]) -> None:
+def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], active: frozenset[int] = frozenset()) -> None:
     """Map dotted key paths to 1-based YAML line numbers, so errors can point at `file:line`."""
+    # An alias may point at one of its own ancestors (`a: &x [*x]`); stop there instead of recursing forever.
+    if id(node) in active:
+        return
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
             lines[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, lines)
+            _collect_lines(value_node, key, lines, active)
     elif isinstance(node, yaml.SequenceNode):
         for index, child in enumerate(node.value):
             key = f"{prefix}[{index}]"
             lines[key] = child.start_mark.line + 1
-            _collect_lines(child, key, lines)
+            _collect_lines(child, key, lines, active)
 
 
 def _with_line(problem: str, lines: Mapping[str, int], source: str | None) -> str:
-    key = problem.split(":", 1)[0]
-    line = lines.get(key)
-    if line is None or source is None:
+    if source is None:
         return problem
-    return f"{problem} ({source}:{line})"
+    key = problem.split(":", 1)[0]
+    # A value filled in from a default (e.g. `train` from data.dir) has no line: point at the nearest parent key.
+    while key and key not in lines:
+        cut = max(key.rfind("."), key.rfind("["))
+        key = key[:cut] if cut > 0 else ""
+    if not key:
+        return problem
+    return f"{problem} ({source}:{lines[key]})"
 
 
 _PATH_KEYS = ("train", "heldout", "raw")
@@ -367,13 +384,25 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         data["domains"] = resolved
     out = dict(raw)
     out["data"] = data
-    model = raw.get("model")
-    if isinstance(model, dict) and isinstance(model.get("path"), str):
-        candidate = base_dir / model["path"]
-        # A hub name looks like a relative path; only resolve it when the folder really exists.
-        if not Path(model["path"]).is_absolute() and candidate.exists():
-            out["model"] = {**model, "path": str(candidate.resolve())}
+    # These may name a hub model (`model.path`) or a file that is made elsewhere, and a resolved config.yaml
+    # is loaded again from the run directory: resolve them against the config's folder only when the path
+    # really exists there, and otherwise leave them as written (relative to the current directory).
+    for section, key in _OPTIONAL_PATH_KEYS:
+        block = out.get(section)
+        if isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
+            candidate = base_dir / os.path.expanduser(block[key])
+            if not Path(block[key]).is_absolute() and candidate.exists():
+                out[section] = {**block, key: str(candidate.resolve())}
     return out
+
+
+_OPTIONAL_PATH_KEYS = (
+    ("model", "path"),
+    ("model", "tokenizer"),
+    ("deepspeed", "config"),
+    ("mixture", "distribution"),
+    ("classifier", "path"),
+)
 
 
 def _resolve_one(value: str, base_dir: Path) -> str:
@@ -393,7 +422,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         raise UserError(f"override {item!r} has an empty key")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date-like value such as 2020-13-45
         raise UserError(f"override {item!r}: the value is not valid YAML ({exc})") from None
     parts = key.split(".")
     node: Any = raw
@@ -421,7 +450,7 @@ def _override_child(node: Any, part: str, path: str, item: str) -> Any:
 
 def _list_index(node: list[Any], part: str, path: str, item: str) -> int:
     """A list element is addressed by position (`data.domains.0`) or, for domains, by name (`data.domains.law`)."""
-    if part.isdigit() and int(part) < len(node):
+    if part.isascii() and part.isdigit() and int(part) < len(node):  # "²".isdigit() is True but int() fails
         return int(part)
     for index, entry in enumerate(node):
         if (isinstance(entry, dict) and entry.get("name") == part) or entry == part:
@@ -447,11 +476,15 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], lines: Mapping
             problems.append(_with_line(f"{path}: unknown key{hint}", lines, source))
             continue
         kwargs[key] = _convert(hints[key], value, path, problems, lines, source)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required field is missing (only DomainConfig.name has none)
-        problems.append(_with_line(f"{prefix}: {exc}", lines, source))
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _is_required(f)]
+    if missing:  # only DomainConfig.name has no default
+        problems.append(_with_line(f"{prefix}.{missing[0]}: missing; every domain needs a name (name: law)", lines, source))
         return None
+    return cls(**kwargs)
+
+
+def _is_required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _convert(hint: Any, value: Any, path: str, problems: list[str], lines: Mapping[str, int], source: str | None) -> Any:
@@ -473,14 +506,14 @@ def _convert(hint: Any, value: Any, path: str, problems: list[str], lines: Mappi
             problems.append(_with_line(f"{path}: expected a list, got {value!r}", lines, source))
             return ()
         return tuple(_convert(args[0], v, f"{path}[{i}]", problems, lines, source) for i, v in enumerate(value))
-    if origin in (Mapping, dict) or hint is Mapping:
+    if origin in (collections.abc.Mapping, dict) or hint is Mapping:
         if not isinstance(value, dict):
             problems.append(_with_line(f"{path}: expected a mapping of domain name to number, got {value!r}", lines, source))
             return None
         out: dict[str, float] = {}
         for k, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                problems.append(_with_line(f"{path}.{k}: expected a number, got {v!r}", lines, source))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                problems.append(_with_line(f"{path}.{k}: expected a finite number, got {v!r}", lines, source))
                 continue
             out[str(k)] = float(v)
         return types.MappingProxyType(out)
@@ -493,8 +526,8 @@ def _convert(hint: Any, value: Any, path: str, problems: list[str], lines: Mappi
             problems.append(_with_line(f"{path}: expected an integer, got {value!r}", lines, source))
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(_with_line(f"{path}: expected a number, got {value!r}", lines, source))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problems.append(_with_line(f"{path}: expected a finite number, got {value!r}", lines, source))
             return value
         return float(value)
     if hint is str:
@@ -524,8 +557,11 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
     return getattr(getattr(cfg, section), key)
 
 
-def validate(cfg: RunConfig) -> list[str]:
-    """Every problem in a typed config, as `key: given ...; expected ...` lines (empty when valid)."""
+def validate(cfg: RunConfig, *, check_files: bool = True) -> list[str]:
+    """Every problem in a typed config, as `key: given ...; expected ...` lines (empty when valid).
+
+    `check_files=False` skips only the check that local data files exist.
+    """
     problems: list[str] = []
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
@@ -553,11 +589,11 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"mixture.max_change: given {cfg.mixture.max_change}; expected a number in (0, 1] or null for no cap")
     if cfg.mixture.reference_fallback_factor <= 0:
         problems.append(f"mixture.reference_fallback_factor: given {cfg.mixture.reference_fallback_factor}; expected a number > 0")
-    problems.extend(_validate_domains(cfg))
+    problems.extend(_validate_domains(cfg, check_files))
     return problems
 
 
-def _validate_domains(cfg: RunConfig) -> list[str]:
+def _validate_domains(cfg: RunConfig, check_files: bool = True) -> list[str]:
     problems: list[str] = []
     names = [d.name for d in cfg.data.domains]
     seen: set[str] = set()
@@ -574,7 +610,7 @@ def _validate_domains(cfg: RunConfig) -> list[str]:
             problems.append(f"{key}.format: given {domain.format!r}; expected one of {', '.join(FORMATS)}")
         for source_key in _PATH_KEYS:
             for i, source in enumerate(getattr(domain, source_key)):
-                if not source.startswith(HF_SOURCE_PREFIX) and not Path(source).exists():
+                if check_files and not source.startswith(HF_SOURCE_PREFIX) and not Path(source).exists():
                     problems.append(
                         f"{key}.{source_key}[{i}]: file not found: {source}; fix the path (relative paths in a config "
                         f"file are resolved against the file's folder) or write hf:<dataset name> for a hub data set"
@@ -585,7 +621,9 @@ def _validate_domains(cfg: RunConfig) -> list[str]:
         for name, value in (mapping or {}).items():
             if name not in names:
                 problems.append(f"mixture.{map_key}.{name}: unknown domain; known domains: {', '.join(names)}")
-            elif value < 0 or (map_key == "reference_losses" and value == 0):
+            elif map_key == "weights" and value < 0:
+                problems.append(f"mixture.{map_key}.{name}: given {value}; expected a number >= 0")
+            elif map_key == "reference_losses" and value <= 0:
                 problems.append(f"mixture.{map_key}.{name}: given {value}; expected a number > 0")
     if mixture.strategy == "fixed":
         missing = [n for n in names if n not in (mixture.weights or {})]
@@ -602,7 +640,7 @@ def _validate_domains(cfg: RunConfig) -> list[str]:
     if mixture.target_domain is not None and mixture.target_domain not in names:
         problems.append(f"mixture.target_domain: given {mixture.target_domain!r}; expected one of {', '.join(names)}")
     if mixture.floor * max(len(names), 1) > 1:
-        problems.append(f"mixture.floor: given {mixture.floor}; with {len(names)} domains the floor must be <= {1 / len(names):.4f}")
+        problems.append(f"mixture.floor: given {mixture.floor}; with {len(names)} domains the floor must be <= {1 / max(len(names), 1):.4f}")
     return problems
 
 

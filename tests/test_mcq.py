@@ -1,0 +1,199 @@
+"""Multiple-choice log-likelihood scoring: hand-computed log-probs, token boundary, batch invariance, lockstep."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from versatune_ds.dist import DistEnv
+from versatune_ds.errors import UserError
+from versatune_ds.evaluate import hf_forward
+from versatune_ds.mcq import (
+    ItemScore,
+    McqItem,
+    PromptFormat,
+    choice_row,
+    encode_pair,
+    load_mcq_file,
+    mcq_accuracy,
+    score_mcq,
+)
+
+torch = pytest.importorskip("torch")
+
+SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0, launcher="single")
+VOCAB = 128
+
+
+class CharTokenizer:
+    """One token per character (id = code point); enough to compute log-likelihoods by hand."""
+
+    bos_token_id = 1
+    eos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+# Every position predicts the same distribution: log p(token) = LOGP[token].
+BIAS = torch.full((VOCAB,), -10.0)
+BIAS[ord(" ")] = 2.0
+BIAS[ord("a")] = 1.0
+BIAS[ord("b")] = 0.5
+LOGP = torch.log_softmax(BIAS, dim=0)
+
+
+def constant_logits(batch):
+    return BIAS.expand(*batch["input_ids"].shape, VOCAB).clone()
+
+
+def expected_loglik(continuation: str) -> float:
+    return sum(float(LOGP[ord(c)]) for c in continuation)
+
+
+def test_hand_computed_logprobs_acc_and_acc_norm():
+    # " aa" vs " b": summed log-prob prefers " b" (one fewer token); per-character it prefers "aa".
+    item = McqItem(domain_id=0, index=0, question="q?", choices=("aa", "b", "zzzz", "ab"), answer=0)
+    [score] = score_mcq(constant_logits, [item], CharTokenizer(), batch_size=4, pad_token_id=0, env=SINGLE)
+    for c, choice in enumerate(item.choices):
+        assert score.logprobs[c] == pytest.approx(expected_loglik(" " + choice), abs=1e-5)
+    assert score.pred == 1
+    assert score.pred_norm == 0  # (lp(" ")+2 lp(a))/2 > (lp(" ")+lp(b))/1
+    accuracy = mcq_accuracy([score], 2)
+    assert accuracy.acc[0] == 0.0 and accuracy.acc_norm[0] == 1.0 and accuracy.n.tolist() == [1, 0]
+    assert math.isnan(accuracy.acc[1])
+
+
+def test_context_tokens_are_not_scored_and_prompt_is_lm_eval_style():
+    item = McqItem(0, 0, "Why?", ("ab", "b"), 1)
+    row = choice_row(item, 0, CharTokenizer(), PromptFormat(), max_length=2048)
+    text = "".join(chr(t) for t in row.input_ids)
+    assert text == "Question: Why?\nAnswer: ab"
+    scored = "".join(chr(t) for t in row.input_ids[row.labels != -100])
+    assert scored == " ab"
+
+
+def test_trailing_context_space_moves_to_the_continuation():
+    ctx, cont = encode_pair(CharTokenizer(), "Answer: ", "x")
+    assert "".join(map(chr, ctx)) == "Answer:" and "".join(map(chr, cont)) == " x"
+
+
+def test_continuation_is_the_token_difference(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    context, continuation = "Question: Which clause?\nAnswer:", " The contract clause"
+    ctx, cont = encode_pair(tokenizer, context, continuation)
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    assert ctx == tokenizer(context, add_special_tokens=False)["input_ids"]
+    assert cont == whole[len(ctx) :] and len(cont) > 0
+    assert tokenizer.decode(ctx + cont) == context + continuation
+
+
+def test_truncation_keeps_the_continuation():
+    item = McqItem(0, 0, "x" * 100, ("ab", "b"), 0)
+    row = choice_row(item, 0, CharTokenizer(), PromptFormat(), max_length=10)
+    assert row.num_tokens == 10 and int((row.labels != -100).sum()) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def make_items(n: int, domains: int = 2) -> list[McqItem]:
+    words = ["contract", "fever", "revenue", "glucose", "return a + b", "the sea", "a summary", "seven days"]
+    items = []
+    for k in range(n):
+        choices = tuple(words[(k + j) % len(words)] * (1 + (k + j) % 3) for j in range(4))
+        items.append(McqItem(k % domains, k // domains, f"Question number {k} about the court?", choices, k % 4))
+    return items
+
+
+def test_batch_invariance_and_manual_forward(tiny):
+    model, tokenizer = tiny
+    items = make_items(6)
+    one = score_mcq(hf_forward(model), items, tokenizer, batch_size=1, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
+    eight = score_mcq(hf_forward(model), items, tokenizer, batch_size=8, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
+    np.testing.assert_allclose([s.logprobs for s in one], [s.logprobs for s in eight], atol=1e-5)
+    # Manual: one forward of context+choice, log_softmax, sum over the continuation positions.
+    item = items[3]
+    context = "Question: " + item.question + "\nAnswer:"
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    for c, choice in enumerate(item.choices):
+        whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), dim=-1)
+        manual = sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
+        score = next(s for s in one if (s.domain_id, s.index) == (item.domain_id, item.index))
+        assert score.logprobs[c] == pytest.approx(manual, abs=1e-5)
+
+
+def test_simulated_ranks_run_equal_forward_passes():
+    items = [McqItem(0, i, "q", ("a", "b", "ab", "ba"), 0) for i in range(5)]
+    counts = []
+    for rank in range(3):
+        env = DistEnv(rank, 3, rank, "127.0.0.1", 0, "torch")
+        calls = []
+
+        def counting(batch, calls=calls):
+            calls.append(1)
+            return constant_logits(batch)
+
+        scores = score_mcq(counting, items, CharTokenizer(), batch_size=3, pad_token_id=0, env=env)
+        assert len(scores) == len(dist_share(5, 3, rank))  # no process group: only the local share comes back
+        counts.append(len(calls))
+    assert counts == [3, 3, 3]  # rank 0 has 2 items = 8 rows -> ceil(8/3); rank 2 has 1 item -> 2 real + 1 dummy
+
+
+def dist_share(n, world, rank):
+    from versatune_ds.dist import even_shard
+
+    return even_shard(n, world, rank)
+
+
+def test_chat_template_format(tiny):
+    _, tokenizer = tiny
+    item = McqItem(0, 0, "Why?", ("yes", "no"), 0)
+    row = choice_row(item, 0, tokenizer, PromptFormat.chat(), max_length=2048)
+    text = tokenizer.decode(row.input_ids)
+    assert text.startswith("<s><|user|>\nQuestion: Why?\nAnswer:") and text.endswith("<|assistant|>\nyes")
+    with pytest.raises(UserError, match="no chat template"):
+        choice_row(item, 0, CharTokenizer(), PromptFormat.chat(), max_length=2048)
+
+
+def test_load_mcq_file_subset_and_errors(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}", "choices": ["a", "b", "c", "d"], "answer": i % 4}) + "\n" for i in range(10)))
+    items = load_mcq_file(path, 3)
+    assert len(items) == 10 and items[2].answer == 2 and items[0].domain_id == 3
+    subset = load_mcq_file(path, 3, max_items=4, seed=7)
+    assert len(subset) == 4 and subset == load_mcq_file(path, 3, max_items=4, seed=7)
+    assert [s.index for s in subset] == [0, 1, 2, 3]
+    questions = [s.question for s in subset]
+    assert questions == sorted(questions, key=lambda q: int(q[1:]))  # file order kept
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"], "answer": 0}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: 'choices'"):
+        load_mcq_file(bad, 0)
+    bad.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:1: 'answer'"):
+        load_mcq_file(bad, 0)
+
+
+def test_item_score_predictions():
+    score = ItemScore(0, 0, 1, (-3.0, -2.0, -5.0), (1, 1, 10))
+    assert score.pred == 1 and score.pred_norm == 2
+
+
+def test_real_eval_files_load(shared_data):
+    for name in ("law", "code"):
+        items = load_mcq_file(shared_data / "eval" / f"{name}.jsonl", 0, max_items=20)
+        assert len(items) == 20 and all(len(i.choices) == 4 for i in items)

@@ -62,11 +62,11 @@ class TfidfConfig:
     word_ngram_max: int = 2
     word_max_features: int = 100_000
     use_char: bool = True
-    char_ngram_min: int = 2
-    char_ngram_max: int = 5
+    char_ngram_min: int = 3
+    char_ngram_max: int = 6
     char_max_features: int = 100_000
     min_df: int = 2
-    c: float = 10.0
+    c: float = 30.0
     max_iter: int = 300
 
 

@@ -1,0 +1,312 @@
+"""The Slurm launchers on real Slurm clusters (root only; installs slurm-wlm + munge when missing).
+
+- one node (the root network namespace): `launchers/slurm_single_node.sbatch`, 2 tasks via sbatch;
+- two nodes (network namespaces nodeA / nodeB, tests/slurm_cluster.py): `launchers/slurm_multi_node.sbatch`,
+  one torchrun agent per node; a ZeRO-3 run, then a run whose nodeB rank is SIGKILLed mid-run (the
+  job must fail, not hang) and is resubmitted with `--resume auto` (it must finish and match the
+  uninterrupted run).
+
+The `standin` tests run the same launchers against a stand-in trainer (one gloo all_reduce per step),
+so the clusters and launchers are proven whatever the state of the real trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from slurm_cluster import (
+    ClusterUnavailable,
+    SlurmCluster,
+    single_node_cluster,
+    two_node_cluster,
+    write_standin_package,
+)
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = REPO / "launchers"
+VENV_BIN = Path(sys.executable).parent
+JOB_TIMEOUT_S = 300  # a job still running after this is a hang: fail with its output
+DIST_TIMEOUT_S = 30  # dist.timeout_s of the interrupted runs: a dead peer must end the job within this
+FAILURE_SLACK_S = 30  # Slurm's own step teardown (KillWait=2) and polling on top of dist.timeout_s
+
+
+def _cluster_fixture(factory: object, scratch: Path) -> Iterator[SlurmCluster]:
+    stack = contextlib.ExitStack()
+    try:
+        cluster = stack.enter_context(factory(scratch))  # type: ignore[operator]
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no Slurm cluster on this machine: {exc}")
+    with stack:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def one_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    yield from _cluster_fixture(single_node_cluster, tmp_path_factory.mktemp("slurm1"))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    yield from _cluster_fixture(two_node_cluster, tmp_path_factory.mktemp("slurm2"))
+
+
+@pytest.fixture(scope="module")
+def standin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_standin_package(tmp_path_factory.mktemp("standin"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    import kit  # tests/kit.py: the tiny model and run config shared by the end-to-end tests
+
+    return kit, kit.make_tiny_model_dir(tmp_path_factory.mktemp("slurm_model"))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def submit(
+    cluster: SlurmCluster, launcher: str, *, repo_dir: Path, config: Path, run_dir: Path, args: list[str], name: str
+) -> int:
+    """sbatch a launcher the way a user would: knobs in the environment, overrides as script args."""
+    env = cluster.env(
+        {
+            "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+            "PYTHON": sys.executable,
+            "TORCHRUN": str(VENV_BIN / "torchrun"),
+            "REPO_DIR": str(repo_dir),
+            "CONFIG": str(config),
+            "RUN_DIR": str(run_dir),
+            "DEVICE": "cpu",
+        }
+    )
+    jobs = cluster.scratch / "jobs"
+    jobs.mkdir(exist_ok=True)
+    # --chdir: the job runs from repo_dir, so `python -m versatune_ds` finds that checkout's package
+    sbatch_args = [f"--job-name={name}", f"--chdir={repo_dir}", f"--output={jobs}/%x-%j.out"]
+    return cluster.sbatch(LAUNCHERS / launcher, args, sbatch_args=sbatch_args, env=env)
+
+
+def job_output(cluster: SlurmCluster, job_id: int) -> str:
+    outputs = list((cluster.scratch / "jobs").glob(f"*-{job_id}.out"))
+    return outputs[0].read_text(errors="replace")[-8000:] if outputs else "(no job output file)"
+
+
+def wait_completed(cluster: SlurmCluster, job_id: int) -> dict[str, str]:
+    info = cluster.wait_job(job_id, JOB_TIMEOUT_S)
+    assert info["JobState"] == "COMPLETED", f"job {job_id}: {info['JobState']} {info.get('ExitCode')}\n" + job_output(
+        cluster, job_id
+    )
+    return info
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses_by_step(rows: list[dict]) -> dict[int, float]:
+    """step -> train/loss; a step logged twice (re-run after a resume) keeps its last value."""
+    return {int(row["step"]): float(row["train/loss"]) for row in rows if "train/loss" in row}
+
+
+def wait_for(predicate: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def trainer_pids(cluster: SlurmCluster, node: str) -> list[int]:
+    """The rank processes (not the torchrun agent) running on `node`."""
+    pids = []
+    for pid in cluster.pids_on_node(node):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"versatune_ds" in argv and not any(b"torchrun" in arg for arg in argv):
+            pids.append(pid)
+    return pids
+
+
+def kill_rank_on_node_midrun(cluster: SlurmCluster, job_id: int, node: str, run_dir: Path, min_steps: int) -> float:
+    """SIGKILL the rank on `node` once `min_steps` loss rows and a checkpoint exist; return the kill time."""
+
+    def ready() -> bool:
+        if cluster.job_info(job_id).get("JobState") not in ("PENDING", "RUNNING"):
+            raise AssertionError(f"job {job_id} ended before the kill:\n{job_output(cluster, job_id)}")
+        rows = [row for row in metric_rows(run_dir) if "train/loss" in row]
+        return len(rows) >= min_steps and (run_dir / "checkpoints" / "latest").exists()
+
+    wait_for(ready, JOB_TIMEOUT_S, f"{min_steps} logged steps and a checkpoint in {run_dir}")
+    pids = trainer_pids(cluster, node)
+    assert pids, f"no trainer process found on {node}"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def assert_fails_promptly(cluster: SlurmCluster, job_id: int, killed_at: float) -> None:
+    info = cluster.wait_job(job_id, DIST_TIMEOUT_S + FAILURE_SLACK_S)
+    assert info["JobState"] in ("FAILED", "CANCELLED"), f"{info['JobState']}\n{job_output(cluster, job_id)}"
+    assert time.monotonic() - killed_at <= DIST_TIMEOUT_S + FAILURE_SLACK_S
+
+
+# ---------------------------------------------------------------------------------------------
+# stand-in trainer: the clusters and launchers alone
+
+
+def test_standin_single_node_sbatch(one_node: SlurmCluster, standin_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ["train.max_steps=3", "dist.timeout_s=60"]
+    job = submit(one_node, "slurm_single_node.sbatch", repo_dir=standin_dir, config=tmp_path / "x.yaml",
+                 run_dir=run_dir, args=args, name="standin1")  # fmt: skip
+    info = wait_completed(one_node, job)
+    assert info["NumTasks"] == "2"
+    start = metric_rows(run_dir)[0]
+    assert start["world_size"] == 2
+    assert sorted(losses_by_step(metric_rows(run_dir))) == [1, 2, 3]
+    assert (run_dir / "final" / "config.json").is_file()
+    assert (run_dir / "logs" / f"standin1-{job}.log").is_file()
+
+
+def test_standin_two_node_rendezvous_kill_and_resume(two_nodes: SlurmCluster, standin_dir: Path, tmp_path: Path) -> None:
+    """torchrun agents on nodeA and nodeB meet; killing nodeB's rank fails the job; --resume auto finishes."""
+    run_dir = tmp_path / "run"
+    common = dict(repo_dir=standin_dir, config=tmp_path / "x.yaml", run_dir=run_dir)
+    args = ["train.max_steps=40", f"dist.timeout_s={DIST_TIMEOUT_S}", "standin.step_sleep_s=0.5"]
+    job = submit(two_nodes, "slurm_multi_node.sbatch", args=args, name="standin2", **common)
+    killed_at = kill_rank_on_node_midrun(two_nodes, job, "nodeB", run_dir, min_steps=3)
+    assert_fails_promptly(two_nodes, job, killed_at)
+    start = metric_rows(run_dir)[0]
+    assert sorted(start["hosts"]) == ["nodeA", "nodeB"], start
+
+    args = ["train.max_steps=6", f"dist.timeout_s={DIST_TIMEOUT_S}", "--resume", "auto"]
+    job = submit(two_nodes, "slurm_multi_node.sbatch", args=args, name="standin2r", **common)
+    wait_completed(two_nodes, job)
+    resumed = [row for row in metric_rows(run_dir) if row.get("event") == "start"][-1]
+    assert resumed["resumed_from"] >= 3
+    assert (run_dir / "final" / "config.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# the real trainer
+
+
+def test_single_node_sbatch_trains(one_node: SlurmCluster, tiny_model: tuple[object, Path], tmp_path: Path) -> None:
+    kit, model_dir = tiny_model
+    run_dir = tmp_path / "run"
+    config = kit.write_tiny_run_config(tmp_path / "run.yaml", model_dir=model_dir, run_dir=run_dir)
+    args = ["train.max_steps=12", "checkpoint.every=6", "dist.timeout_s=120"]
+    job = submit(one_node, "slurm_single_node.sbatch", repo_dir=REPO, config=config, run_dir=run_dir, args=args,
+                 name="train1")  # fmt: skip
+    wait_completed(one_node, job)
+    losses = losses_by_step(metric_rows(run_dir))
+    assert max(losses) == 12, losses
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < first, f"loss did not fall: step {min(losses)} {first} -> step {max(losses)} {last}"
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert (run_dir / "final" / "config.json").is_file()
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+TWO_NODE_ARGS = [
+    "train.max_steps=40",
+    "checkpoint.every=5",
+    "train.trace_samples=true",
+    f"deepspeed.config={REPO / 'ds_configs' / 'zero3.json'}",
+]
+
+
+@pytest.fixture(scope="module")
+def two_node_reference(
+    two_nodes: SlurmCluster, tiny_model: tuple[object, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """An uninterrupted 2-node ZeRO-3 run (one rank per node): the reference for the resume test."""
+    kit, model_dir = tiny_model
+    tmp = tmp_path_factory.mktemp("two_node_reference")
+    run_dir = tmp / "run"
+    config = kit.write_tiny_run_config(tmp / "run.yaml", model_dir=model_dir, run_dir=run_dir)
+    args = [*TWO_NODE_ARGS, "dist.timeout_s=120"]
+    job = submit(two_nodes, "slurm_multi_node.sbatch", repo_dir=REPO, config=config, run_dir=run_dir, args=args,
+                 name="train2")  # fmt: skip
+    wait_completed(two_nodes, job)
+    return run_dir
+
+
+def test_two_node_zero3_trains(two_node_reference: Path) -> None:
+    run_dir = two_node_reference
+    losses = losses_by_step(metric_rows(run_dir))
+    assert sorted(losses) == list(range(1, 41)), sorted(losses)
+    assert losses[40] < losses[1]
+    assert (run_dir / "checkpoints" / "latest").exists()
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_two_node_kill_then_resume_matches_uninterrupted(
+    two_nodes: SlurmCluster, tiny_model: tuple[object, Path], two_node_reference: Path, tmp_path: Path
+) -> None:
+    kit, model_dir = tiny_model
+    run_dir = tmp_path / "run"
+    config = kit.write_tiny_run_config(tmp_path / "run.yaml", model_dir=model_dir, run_dir=run_dir)
+    common = dict(repo_dir=REPO, config=config, run_dir=run_dir)
+    args = [*TWO_NODE_ARGS, f"dist.timeout_s={DIST_TIMEOUT_S}"]
+    job = submit(two_nodes, "slurm_multi_node.sbatch", args=args, name="train2k", **common)
+    killed_at = kill_rank_on_node_midrun(two_nodes, job, "nodeB", run_dir, min_steps=7)
+    assert_fails_promptly(two_nodes, job, killed_at)
+    rows_before = len(metric_rows(run_dir))
+    assert max(losses_by_step(metric_rows(run_dir))) < 40, "the run finished before the kill; nothing was tested"
+
+    job = submit(two_nodes, "slurm_multi_node.sbatch", args=[*args, "--resume", "auto"], name="train2r", **common)
+    wait_completed(two_nodes, job)
+    new_rows = [row for row in metric_rows(run_dir)[rows_before:] if "train/loss" in row]
+    assert new_rows and min(int(row["step"]) for row in new_rows) > 1, "the resubmitted job did not resume"
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+    # every step, before the kill and after the resume, matches the uninterrupted run
+    reference = losses_by_step(metric_rows(two_node_reference))
+    resumed = losses_by_step(metric_rows(run_dir))
+    assert sorted(resumed) == sorted(reference)
+    for step, loss in reference.items():
+        assert math.isclose(resumed[step], loss, rel_tol=1e-5, abs_tol=1e-6), (step, resumed[step], loss)
+    compare_traces(two_node_reference, run_dir)
+
+
+def compare_traces(reference: Path, resumed: Path) -> None:
+    """Per rank, the samples each step drew after the resume equal the uninterrupted run's (if traced)."""
+    traces = sorted((reference / "trace").glob("rank*.jsonl"))
+    if not traces:
+        return  # the trainer writes no traces: the loss comparison above is the check
+    for ref_trace in traces:
+        ref_rows = trace_by_step(ref_trace)
+        got_rows = trace_by_step(resumed / "trace" / ref_trace.name)
+        assert got_rows, f"no trace {ref_trace.name} in the resumed run"
+        for step, row in got_rows.items():
+            assert row == ref_rows.get(step), f"{ref_trace.name} step {step}: {row} != {ref_rows.get(step)}"
+
+
+def trace_by_step(path: Path) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[int(row["step"])] = row  # a step re-run after the resume keeps its last record
+    return rows

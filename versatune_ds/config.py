@@ -141,7 +141,8 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    config: str = "ds_configs/zero3.json"
+    config: str = "ds_configs/zero3.json"  # a bare name (zero3.json) means the repo's ds_configs/ folder
+    nvme_path: str | None = None  # fills offload_*.nvme_path of an NVMe-offload DeepSpeed config
 
 
 @dataclass(frozen=True)
@@ -384,14 +385,17 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         data["domains"] = resolved
     out = dict(raw)
     out["data"] = data
-    # These may name a hub model (`model.path`) or a file that is made elsewhere, and a resolved config.yaml
-    # is loaded again from the run directory: resolve them against the config's folder only when the path
-    # really exists there, and otherwise leave them as written (relative to the current directory).
+    # These may name a hub model (`model.path`) or a file made later (the tiny model of the quickstart), and
+    # a resolved config.yaml is loaded again from the run directory: resolve them against the config's
+    # folder when the path exists there or is written explicitly relative (`./x`, `../x`; hub names never
+    # are), and otherwise leave them as written (relative to the current directory).
     for section, key in _OPTIONAL_PATH_KEYS:
         block = out.get(section)
         if isinstance(block, dict) and isinstance(block.get(key), str) and block[key]:
-            candidate = base_dir / os.path.expanduser(block[key])
-            if not Path(block[key]).is_absolute() and candidate.exists():
+            value = os.path.expanduser(block[key])
+            candidate = base_dir / value
+            explicit = value.startswith(("./", "../", ".\\", "..\\"))
+            if not Path(value).is_absolute() and (explicit or candidate.exists()):
                 out[section] = {**block, key: str(candidate.resolve())}
     return out
 
@@ -674,6 +678,7 @@ HASH_EXCLUDED_KEYS: tuple[str, ...] = (
     "dist",
     "data.cache_dir",
     "data.num_proc",
+    "deepspeed.nvme_path",
 )
 
 

@@ -85,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def emit(text: str) -> None:
+    """Write a command's result (not a log line) to stdout; commands call this instead of print."""
+    print(text, flush=True)
+
+
 def _rank_prefix() -> str:
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")) or 1)
     if world <= 1:

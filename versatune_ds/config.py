@@ -448,8 +448,12 @@ def _override_child(node: Any, part: str, path: str, item: str) -> Any:
             child = node[part] = {}
         return child
     if isinstance(node, list):
-        return node[_list_index(node, part, path, item)]
-    raise UserError(f"override {item!r}: {path} is a value, not a section")
+        index = _list_index(node, part, path, item)
+        if isinstance(node[index], str):  # a domain given by name only (`- law`), addressed by position
+            node[index] = {"name": node[index]}
+        return node[index]
+    parent = path.rsplit(".", 1)[0]
+    raise UserError(f"override {item!r}: {parent} is a value, not a section")
 
 
 def _list_index(node: list[Any], part: str, path: str, item: str) -> int:
@@ -468,7 +472,7 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], lines: Mapping
     """Turn a mapping into dataclass `cls`, recording every unknown key and wrongly typed value."""
     if not isinstance(raw, dict):
         problems.append(_with_line(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}", lines, source))
-        return cls()
+        return None if any(_is_required(f) for f in dataclasses.fields(cls)) else cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -530,6 +534,12 @@ def _convert(hint: Any, value: Any, path: str, problems: list[str], lines: Mappi
             problems.append(_with_line(f"{path}: expected an integer, got {value!r}", lines, source))
         return value
     if hint is float:
+        # PyYAML reads `3e-4` (no dot) as a string (YAML 1.1); accept any string Python reads as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             problems.append(_with_line(f"{path}: expected a finite number, got {value!r}", lines, source))
             return value

@@ -1,0 +1,574 @@
+"""The run config: loading, every validation message, overrides, paths, defaults, hashing, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from versatune_ds.config import (
+    CHOICES,
+    DEFAULT_DOMAIN_NAMES,
+    NON_NEGATIVE_NUMBERS,
+    POSITIVE_INTS,
+    UNIT_INTERVAL,
+    ConfigError,
+    RunConfig,
+    config_diff,
+    config_hash,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    validate,
+)
+from versatune_ds.errors import UserError
+
+SIX = DEFAULT_DOMAIN_NAMES
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    """A folder with `<name>.jsonl` for the six default domains (contents do not matter to the config)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in SIX:
+        (folder / f"{name}.jsonl").write_text('{"instruction": "q", "input": "", "output": "a"}\n', encoding="utf-8")
+    return folder
+
+
+def base(data_dir: Path) -> list[str]:
+    """Overrides that make the default config valid."""
+    return ["model.path=some-org/some-model", f"data.dir={data_dir}"]
+
+
+def problems_of(data_dir: Path, *overrides: str, path: Path | None = None) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [*base(data_dir), *overrides])
+    return info.value.problems
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_base_config_is_valid(data_dir: Path) -> None:
+    cfg = load_config(None, base(data_dir))
+    assert cfg.model.path == "some-org/some-model"
+    assert cfg.domain_names == SIX
+    assert validate(cfg) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# One test per validation message
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_key_rejects_an_unknown_value(data_dir: Path, key: str) -> None:
+    (problem,) = problems_of(data_dir, f"{key}=bogus")
+    assert problem.startswith(f"{key}: given 'bogus'; expected one of {', '.join(CHOICES[key])}")
+
+
+@pytest.mark.parametrize("key", POSITIVE_INTS)
+def test_positive_ints(data_dir: Path, key: str) -> None:
+    assert problems_of(data_dir, f"{key}=0") == (f"{key}: given 0; expected a positive integer",)
+    assert problems_of(data_dir, f"{key}=-3") == (f"{key}: given -3; expected a positive integer",)
+
+
+@pytest.mark.parametrize("key", NON_NEGATIVE_NUMBERS)
+def test_non_negative_numbers(data_dir: Path, key: str) -> None:
+    (problem,) = problems_of(data_dir, f"{key}=-1")
+    assert re.fullmatch(rf"{re.escape(key)}: given -1(\.0)?; expected a number >= 0", problem)
+    load_config(None, [*base(data_dir), f"{key}=0"])  # zero is allowed
+
+
+@pytest.mark.parametrize("key", UNIT_INTERVAL)
+def test_unit_interval(data_dir: Path, key: str) -> None:
+    problems = problems_of(data_dir, f"{key}=1.5")
+    assert f"{key}: given 1.5; expected a number between 0 and 1" in problems
+    assert f"{key}: given -0.1; expected a number between 0 and 1" in problems_of(data_dir, f"{key}=-0.1")
+
+
+def test_missing_model_path(data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.path: missing; give a local model folder or a hub name"):
+        load_config(None, [f"data.dir={data_dir}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("probe.temperature=0", "probe.temperature: given 0.0; expected a number > 0"),
+        ("probe.repetition_penalty=-1", "probe.repetition_penalty: given -1.0; expected a number > 0"),
+        ("mixture.max_change=0", "mixture.max_change: given 0.0; expected a number in (0, 1] or null for no cap"),
+        ("mixture.max_change=1.5", "mixture.max_change: given 1.5; expected a number in (0, 1] or null for no cap"),
+        ("mixture.reference_fallback_factor=0", "mixture.reference_fallback_factor: given 0.0; expected a number > 0"),
+    ],
+)
+def test_positive_floats(data_dir: Path, override: str, message: str) -> None:
+    assert problems_of(data_dir, override) == (message,)
+
+
+def test_max_change_null_means_no_cap(data_dir: Path) -> None:
+    assert load_config(None, [*base(data_dir), "mixture.max_change=null"]).mixture.max_change is None
+
+
+def test_unknown_key_suggests_the_close_one(data_dir: Path) -> None:
+    assert problems_of(data_dir, "train.max_step=5") == ("train.max_step: unknown key; did you mean 'max_steps'?",)
+    assert problems_of(data_dir, "trian.seed=1") == ("trian: unknown key; did you mean 'train'?",)
+
+
+def test_unknown_key_without_a_close_one_lists_the_known_keys(data_dir: Path) -> None:
+    (problem,) = problems_of(data_dir, "eval.zzzzzz=1")
+    assert problem == "eval.zzzzzz: unknown key; known keys: every, micro_batch_size, at_start"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
+        ("train.max_steps=1.5", "train.max_steps: expected an integer, got 1.5"),
+        ("train.max_steps=true", "train.max_steps: expected an integer, got True"),
+        ("train.learning_rate=fast", "train.learning_rate: expected a finite number, got 'fast'"),
+        ("train.learning_rate=nan", "train.learning_rate: expected a finite number, got nan"),
+        ("train.learning_rate=.nan", "train.learning_rate: expected a finite number, got nan"),
+        ("train.learning_rate=.inf", "train.learning_rate: expected a finite number, got inf"),
+        ("data.packing=1", "data.packing: expected true or false, got 1"),
+        ("model.path=5", "model.path: expected a string, got 5"),
+        ("data.domains=5", "data.domains: expected a list, got 5"),
+        ("mixture.weights=3", "mixture.weights: expected a mapping of domain name to number, got 3"),
+        ("mixture.weights={law: x}", "mixture.weights.law: expected a finite number, got 'x'"),
+        ("mixture.weights={law: true}", "mixture.weights.law: expected a finite number, got True"),
+        ("model=5", "model: expected a mapping of keys, got 5"),
+        ("data.domains=[5]", "data.domains[0]: expected a mapping of keys, got 5"),
+        ("data.domains=[{train: x.jsonl}]", "data.domains[0].name: missing; every domain needs a name (name: law)"),
+    ],
+)
+def test_wrong_types(data_dir: Path, override: str, message: str) -> None:
+    assert message in problems_of(data_dir, override)
+
+
+def test_duplicate_domain(data_dir: Path) -> None:
+    problems = problems_of(data_dir, "data.domains=[law, medicine, law]")
+    assert problems == ("data.domains[2].name: domain 'law' is listed twice; each domain must appear once",)
+
+
+def test_domain_without_training_sources(data_dir: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.path=m", "data.domains=[law]"])
+    assert info.value.problems == ("data.domains[0].train: domain 'law' has no training sources; list files, or set data.dir",)
+
+
+def test_default_domains_without_data_dir_name_every_domain(data_dir: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.path=m"])
+    assert [p.split(":")[0] for p in info.value.problems] == [f"data.domains[{i}].train" for i in range(6)]
+
+
+def test_bad_domain_name_and_format(data_dir: Path) -> None:
+    problems = problems_of(data_dir, "data.domains=[{name: 'law school', train: " + str(data_dir / "law.jsonl") + ", format: csv}]")
+    assert "data.domains[0].name: given 'law school'; expected a non-empty name of letters, digits, '-' or '_'" in problems
+    assert "data.domains[0].format: given 'csv'; expected one of auto, alpaca, sharegpt, messages" in problems
+
+
+def test_file_not_found(data_dir: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    (problem,) = problems_of(data_dir, "data.domains=[law]", f"data.domains.law.raw={missing}")
+    assert problem.startswith(f"data.domains[0].raw[0]: file not found: {missing}; fix the path")
+
+
+def test_check_files_false_skips_only_the_file_check(tmp_path: Path) -> None:
+    overrides = ["model.path=m", "data.domains=[{name: law, train: /no/such/file.jsonl}]"]
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(None, overrides)
+    cfg = load_config(None, overrides, check_files=False)
+    assert cfg.data.domains[0].train == ("/no/such/file.jsonl",)
+    assert validate(cfg, check_files=False) == []
+    with pytest.raises(ConfigError, match="train.max_steps: given 0"):  # every other check still runs
+        load_config(None, [*overrides, "train.max_steps=0"], check_files=False)
+
+
+def test_hf_sources_are_not_checked_or_resolved(data_dir: Path) -> None:
+    cfg = load_config(None, [*base(data_dir), "data.domains=[{name: law, train: 'hf:org/legal:train'}]"])
+    assert cfg.data.domains[0].train == ("hf:org/legal:train",)
+
+
+@pytest.mark.parametrize("map_key", ["weights", "reference_losses"])
+def test_mapping_with_an_unknown_domain(data_dir: Path, map_key: str) -> None:
+    values = ", ".join(f"{n}: 1" for n in SIX)
+    problems = problems_of(data_dir, f"mixture.{map_key}={{{values}, poetry: 1}}")
+    assert f"mixture.{map_key}.poetry: unknown domain; known domains: {', '.join(SIX)}" in problems
+
+
+def test_negative_weight_and_non_positive_reference_loss(data_dir: Path) -> None:
+    assert "mixture.weights.law: given -1.0; expected a number >= 0" in problems_of(data_dir, "mixture.weights={law: -1}")
+    load_config(None, [*base(data_dir), "mixture.weights={law: 0}"])  # a zero weight is allowed
+    losses = ", ".join(f"{n}: 2.0" for n in SIX[1:])
+    problems = problems_of(data_dir, f"mixture.reference_losses={{law: 0, {losses}}}")
+    assert problems == ("mixture.reference_losses.law: given 0.0; expected a number > 0",)
+
+
+def test_reference_losses_must_cover_every_domain(data_dir: Path) -> None:
+    problems = problems_of(data_dir, "mixture.reference_losses={law: 2.0}")
+    assert problems == (f"mixture.reference_losses: missing domain(s) {', '.join(SIX[1:])}; give a loss for every domain",)
+
+
+def test_fixed_strategy_needs_every_weight(data_dir: Path) -> None:
+    problems = problems_of(data_dir, "mixture.strategy=fixed", "mixture.weights={law: 1, code: 1}")
+    assert problems == ("mixture.weights: strategy 'fixed' needs a weight for every domain; missing: medicine, finance, science, general",)
+    zeros = ", ".join(f"{n}: 0" for n in SIX)
+    problems = problems_of(data_dir, "mixture.strategy=fixed", f"mixture.weights={{{zeros}}}")
+    assert problems == ("mixture.weights: the weights sum to 0; give at least one positive weight",)
+    ones = ", ".join(f"{n}: 1" for n in SIX)
+    cfg = load_config(None, [*base(data_dir), "mixture.strategy=fixed", f"mixture.weights={{{ones}}}"])
+    assert dict(cfg.mixture.weights) == {n: 1.0 for n in SIX}
+
+
+@pytest.mark.parametrize("strategy", ["target_only", "target_plus_uniform"])
+def test_target_strategies_need_a_target(data_dir: Path, strategy: str) -> None:
+    problems = problems_of(data_dir, f"mixture.strategy={strategy}")
+    assert problems == (f"mixture.target_domain: strategy {strategy!r} needs a target domain; set mixture.target_domain=<name>",)
+    assert load_config(None, [*base(data_dir), f"mixture.strategy={strategy}", "mixture.target_domain=code"]).mixture.target_domain == "code"
+
+
+def test_unknown_target_domain(data_dir: Path) -> None:
+    problems = problems_of(data_dir, "mixture.target_domain=poetry")
+    assert problems == (f"mixture.target_domain: given 'poetry'; expected one of {', '.join(SIX)}",)
+
+
+def test_floor_too_high_for_the_number_of_domains(data_dir: Path) -> None:
+    problems = problems_of(data_dir, "mixture.floor=0.2")
+    assert problems == ("mixture.floor: given 0.2; with 6 domains the floor must be <= 0.1667",)
+    load_config(None, [*base(data_dir), "mixture.floor=0.2", "data.domains=[law, code]"])  # 2 domains: fine
+
+
+def test_validate_copes_with_an_empty_domain_list() -> None:
+    cfg = dataclasses.replace(RunConfig(), mixture=dataclasses.replace(RunConfig().mixture, floor=2.0))
+    problems = validate(cfg)
+    assert "mixture.floor: given 2.0; with 0 domains the floor must be <= 1.0000" in problems
+    assert any(p.startswith("model.path: missing") for p in problems)
+
+
+def test_one_error_lists_every_problem(data_dir: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"data.dir={data_dir}", "train.max_steps=0", "eval.every=0", "probe.mode=fast", "mixture.floor=0.5"])
+    keys = [p.split(":")[0] for p in info.value.problems]
+    assert keys == ["probe.mode", "train.max_steps", "eval.every", "model.path", "mixture.floor"]
+    assert str(info.value).startswith("5 problem(s):\n  - probe.mode")
+    # Type problems are collected together too (they stop before the value checks).
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*base(data_dir), "train.max_steps=x", "eval.bogus=1", "data.packing=2"])
+    assert len(info.value.problems) == 3
+
+
+def test_config_error_is_a_user_error() -> None:
+    assert issubclass(ConfigError, UserError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: line numbers, unreadable files
+
+
+def test_yaml_problems_carry_file_and_line(tmp_path: Path, data_dir: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""\
+        model:
+          path: m
+        data:
+          dir: {data_dir}
+        train:
+          max_step: 5
+        eval:
+          every: 0
+        """,
+    )
+    with pytest.raises(ConfigError) as info:  # a type-stage problem
+        load_config(path)
+    assert info.value.problems == (f"train.max_step: unknown key; did you mean 'max_steps'? ({path}:6)",)
+    assert f"in {path}:" in str(info.value)
+    path.write_text(path.read_text().replace("max_step:", "max_steps:"))
+    with pytest.raises(ConfigError) as info:  # a validation-stage problem
+        load_config(path)
+    assert info.value.problems == (f"eval.every: given 0; expected a positive integer ({path}:8)",)
+
+
+def test_problem_on_a_filled_in_value_points_at_the_nearest_yaml_key(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    path = write(
+        tmp_path,
+        """\
+        model: {path: m}
+        data:
+          dir: data
+          domains:
+            - law
+        """,
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.startswith("data.domains[0].train[0]: file not found")
+    assert problem.endswith(f"({path}:5)")
+
+
+def test_override_problems_have_no_line(data_dir: Path, tmp_path: Path) -> None:
+    path = write(tmp_path, f"model: {{path: m}}\ndata: {{dir: {data_dir}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["probe.top_k=-2"])
+    assert info.value.problems == ("probe.top_k: given -2; expected a number >= 0",)
+
+
+def test_config_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: {path: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(invalid continuation byte at byte 17\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        ("model: [unclosed\n", r"is not valid YAML"),
+        ("train:\n  seed: 1\n seed: 2\n", r"is not valid YAML"),
+        ("when: 2020-13-45\n", r"is not valid YAML: month must be in 1\.\.12"),
+        ("- model\n- data\n", r"must hold a mapping of sections \(model:, data:, \.\.\.\), got list"),
+        ("just text\n", r"must hold a mapping of sections .* got str"),
+    ],
+)
+def test_unreadable_yaml(tmp_path: Path, text: str, pattern: str) -> None:
+    with pytest.raises(UserError, match=pattern):
+        load_config(write(tmp_path, text))
+
+
+def test_empty_file_means_defaults(tmp_path: Path, data_dir: Path) -> None:
+    cfg = load_config(write(tmp_path, ""), base(data_dir))
+    assert cfg.train == RunConfig().train
+
+
+def test_recursive_alias_is_an_error_not_a_crash(tmp_path: Path, data_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="loop: unknown key"):
+        load_config(write(tmp_path, "loop: &a [*a]\n"), base(data_dir))
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def test_scalar_overrides(data_dir: Path) -> None:
+    cfg = load_config(
+        None,
+        [*base(data_dir), "train.max_steps=7", "train.learning_rate=3e-4", "data.packing=false", "model.tokenizer=tok", "train.run_dir= runs/x y"],
+    )
+    assert (cfg.train.max_steps, cfg.train.learning_rate, cfg.data.packing) == (7, 3e-4, False)
+    assert cfg.model.tokenizer == "tok"
+    assert cfg.train.run_dir == "runs/x y"
+    assert isinstance(cfg.train.learning_rate, float)
+
+
+def test_int_given_for_a_float_becomes_a_float(data_dir: Path) -> None:
+    assert load_config(None, [*base(data_dir), "train.learning_rate=1"]).train.learning_rate == 1.0
+
+
+def test_override_a_list(data_dir: Path) -> None:
+    cfg = load_config(None, [*base(data_dir), "data.domains=[law, code]"])
+    assert cfg.domain_names == ("law", "code")
+    assert cfg.data.domains[1].train == (str(data_dir / "code.jsonl"),)
+
+
+def test_override_a_domain_by_position_and_by_name(tmp_path: Path, data_dir: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""\
+        model: {{path: m}}
+        data:
+          dir: {data_dir}
+          domains:
+            - law
+            - {{name: code, format: alpaca}}
+        """,
+    )
+    cfg = load_config(path, ["data.domains.0.format=sharegpt", "data.domains.code.format=messages"])
+    assert [d.format for d in cfg.data.domains] == ["sharegpt", "messages"]
+    cfg = load_config(path, ["data.domains.law.format=alpaca"])  # a domain given as a bare name
+    assert cfg.data.domains[0].format == "alpaca"
+    assert cfg.data.domains[0].name == "law"
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("train.max_steps", r"has no '='.*key=value"),
+        ("=5", r"has an empty key"),
+        ("train.max_steps=[1", r"the value is not valid YAML"),
+        ("train.seed=2020-13-45", r"the value is not valid YAML"),
+        ("model.path.sub=1", r"model\.path is a value, not a section"),
+        ("model.path.sub.deeper=1", r"model\.path is a value, not a section"),
+        ("data.domains.0.name.x=1", r"data\.domains\.0\.name is a value, not a section"),
+        ("data.domains.9.format=alpaca", r"data\.domains\.9 matches no list element \(use a position 0\.\.1 or a domain name\)"),
+        ("data.domains.poetry.format=alpaca", r"data\.domains\.poetry matches no list element"),
+        ("data.domains.².format=alpaca", r"matches no list element"),
+    ],
+)
+def test_bad_override_syntax(tmp_path: Path, override: str, pattern: str) -> None:
+    path = write(tmp_path, "model: {path: m}\ndata:\n  domains: [law, code]\n")
+    with pytest.raises(UserError, match=pattern):
+        load_config(path, [override])
+
+
+def test_override_creates_missing_sections(data_dir: Path) -> None:
+    cfg = load_config(None, [*base(data_dir), "probe.num_samples=8", "classifier.path=clf"])
+    assert cfg.probe.num_samples == 8
+    assert cfg.classifier.path == "clf"
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+
+
+def test_yaml_paths_resolve_against_the_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "data").mkdir()
+    (project / "ds").mkdir()
+    for name in ("law", "law_raw", "code"):
+        (project / "data" / f"{name}.jsonl").write_text("{}\n")
+    (project / "ds" / "z3.json").write_text("{}")
+    (project / "model").mkdir()
+    path = write(
+        project / "configs",
+        """\
+        model: {path: ../model, tokenizer: ../tokenizer-made-later}
+        data:
+          dir: ../data
+          domains:
+            - {name: law, raw: ../data/law_raw.jsonl}
+            - {name: code, train: [../data/code.jsonl]}
+        deepspeed: {config: ../ds/z3.json}
+        """,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(path)
+    law, code = cfg.data.domains
+    assert law.train == (str(project / "data" / "law.jsonl"),)
+    assert law.raw == (str(project / "data" / "law_raw.jsonl"),)
+    assert code.train == (str(project / "data" / "code.jsonl"),)
+    assert cfg.data.dir == str(project / "data")
+    assert cfg.model.path == str(project / "model")
+    assert cfg.model.tokenizer == str(project / "tokenizer-made-later")  # explicit ../ resolves even if absent
+    assert cfg.deepspeed.config == str(project / "ds" / "z3.json")
+
+
+def test_hub_names_and_defaults_stay_as_written(tmp_path: Path, data_dir: Path) -> None:
+    path = write(tmp_path, f"model: {{path: HuggingFaceTB/SmolLM2-135M}}\ndata: {{dir: {data_dir}}}\n")
+    cfg = load_config(path)
+    assert cfg.model.path == "HuggingFaceTB/SmolLM2-135M"
+    assert cfg.deepspeed.config == "ds_configs/zero3.json"  # the default is looked up from the launch directory
+
+
+def test_override_paths_are_relative_to_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "law.jsonl").write_text("{}\n")
+    (tmp_path / "cfg").mkdir()
+    path = write(tmp_path / "cfg", "model: {path: m}\ndata: {domains: [law]}\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    cfg = load_config(path, ["data.domains.law.train=law.jsonl"])
+    assert cfg.data.domains[0].train == ("law.jsonl",)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="file not found: law.jsonl"):
+        load_config(path, ["data.domains.law.train=law.jsonl"])
+
+
+def test_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "law.jsonl").write_text("{}\n")
+    path = write(tmp_path, "model: {path: m}\ndata: {domains: [{name: law, train: ~/law.jsonl}]}\n")
+    assert load_config(path).data.domains[0].train == (str(tmp_path / "law.jsonl"),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults, hashing, diff, round trip
+
+
+def test_defaults_are_the_six_domains_from_data_dir(data_dir: Path) -> None:
+    cfg = load_config(None, base(data_dir))
+    assert SIX == ("law", "medicine", "finance", "science", "code", "general")
+    assert [d.train for d in cfg.data.domains] == [(str(data_dir / f"{n}.jsonl"),) for n in SIX]
+    assert all(d.format == "auto" and d.heldout == () and d.raw == () for d in cfg.data.domains)
+    assert cfg.deepspeed.config == "ds_configs/zero3.json"
+    assert cfg.mixture.strategy == "versatune"
+
+
+def test_configs_are_frozen(data_dir: Path) -> None:
+    cfg = load_config(None, base(data_dir))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.max_steps = 5  # type: ignore[misc]
+
+
+def test_config_hash_is_stable_and_sensitive(data_dir: Path) -> None:
+    first = config_hash(load_config(None, base(data_dir)))
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert config_hash(load_config(None, base(data_dir))) == first
+    assert config_hash(load_config(None, [*base(data_dir), "train.learning_rate=1e-3"])) != first
+    assert config_hash(load_config(None, [*base(data_dir), "mixture.eta=0.5"])) != first
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.run_dir=elsewhere", "train.log_every=9", "checkpoint.every=7", "logging.tensorboard=true", "dist.timeout_s=60", "data.num_proc=4", "export.dtype=bf16"],
+)
+def test_config_hash_ignores_excluded_keys(data_dir: Path, override: str) -> None:
+    cfg = load_config(None, base(data_dir))
+    changed = load_config(None, [*base(data_dir), override])
+    assert changed != cfg
+    assert config_hash(changed) == config_hash(cfg)
+
+
+def test_config_hash_does_not_touch_the_config(data_dir: Path) -> None:
+    cfg = load_config(None, base(data_dir))
+    before = config_to_dict(cfg)
+    config_hash(cfg)
+    assert config_to_dict(cfg) == before
+
+
+def test_config_diff(data_dir: Path) -> None:
+    old = config_to_dict(load_config(None, base(data_dir)))
+    new = config_to_dict(load_config(None, [*base(data_dir), "train.max_steps=5", "mixture.eta=0.5"]))
+    assert config_diff(old, new) == ["mixture.eta: 1.0 -> 0.5", "train.max_steps: 1000 -> 5"]
+    assert config_diff(old, old) == []
+    assert config_diff({"a": {"b": 1}}, {"a": {}, "c": 2}) == ["a.b: 1 -> None", "c: None -> 2"]
+
+
+def test_yaml_round_trip(tmp_path: Path, data_dir: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model}",
+            f"data.dir={data_dir}",
+            "data.domains=[law, {name: code, format: alpaca}]",
+            "mixture.strategy=fixed",
+            "mixture.weights={law: 1, code: 3}",
+            "mixture.reference_losses={law: 2.5, code: 1.5}",
+            "train.learning_rate=3e-4",
+            "mixture.max_change=null",
+        ],
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    dumped = other / "config.yaml"
+    dumped.write_text(config_to_yaml(cfg), encoding="utf-8")
+    again = load_config(dumped)
+    assert again == cfg
+    assert config_hash(again) == config_hash(cfg)

@@ -463,10 +463,11 @@ def _write_innode(scratch: Path, hosts: Path, netns_by_node: dict[str, str]) -> 
 
 # ---------------------------------------------------------------------------------------------
 # a stand-in for `python -m versatune_ds train`, to prove launchers and clusters without the real
-# trainer: same argv and environment contract, a gloo all_reduce per "step", the same outputs.
+# trainer: same argv and environment contract, an all_reduce per "step" (gloo; NCCL on a GPU), the
+# same outputs.
 
 STANDIN_MAIN = '''\
-"""Stand-in `versatune_ds train`: rank/world from the launcher's env, one gloo all_reduce per step."""
+"""Stand-in `versatune_ds train`: rank/world from the launcher's env, one all_reduce per step."""
 import datetime, json, os, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -491,7 +492,14 @@ else:  # srun: map SLURM_* like the real CLI
         out = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True)
         env["MASTER_ADDR"] = out.stdout.split()[0]
     env.setdefault("MASTER_PORT", "29500")
-dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+local_rank = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
+backend = overrides.get("dist.backend", "auto")
+if backend == "auto":
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+device = torch.device(f"cuda:{local_rank}" if backend == "nccl" else "cpu")
+if backend == "nccl":
+    torch.cuda.set_device(device)
+dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 hosts = [None] * world
 dist.all_gather_object(hosts, socket.gethostname())
 
@@ -502,9 +510,10 @@ if resume and latest.exists():
 if rank == 0:
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"event": "start", "hosts": hosts, "world_size": world, "resumed_from": start}) + "\\n")
+        f.write(json.dumps({"event": "start", "hosts": hosts, "world_size": world, "resumed_from": start,
+                            "backend": backend, "accelerator": env.get("DS_ACCELERATOR")}) + "\\n")
 for step in range(start + 1, max_steps + 1):
-    value = torch.tensor([float(rank + 1)])
+    value = torch.tensor([float(rank + 1)], device=device)
     dist.all_reduce(value)
     assert value.item() == world * (world + 1) / 2, value
     if rank == 0:

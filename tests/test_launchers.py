@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,30 @@ def test_launcher_trains(name: str, tmp_path: Path, tiny_run_kit: tuple[object, 
     done = run_launcher(name, env, REPO, ["train.max_steps=4", "dist.timeout_s=120"])
     losses = assert_complete_run(done, run_dir)
     assert max(row["step"] for row in losses) == 4
+
+
+def visible_gpu_count() -> int:
+    done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True) if shutil.which("nvidia-smi") else None
+    return len(done.stdout.splitlines()) if done and done.returncode == 0 else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torchrun.sh", "slurm_single_node.sbatch", "local_deepspeed.sh"])
+def test_launcher_standin_gpu(name: str, tmp_path: Path) -> None:
+    """With DEVICE unset, a launcher on a GPU machine picks the GPU path: one rank per GPU, NCCL, no CPU knobs."""
+    gpus = visible_gpu_count()
+    if gpus == 0:
+        pytest.skip("no GPU (nvidia-smi -L lists none)")
+    if name == "local_deepspeed.sh" and shutil.which("deepspeed", path=f"{VENV_BIN}:{os.environ['PATH']}") is None:
+        pytest.skip("deepspeed is not installed in this environment")
+    repo_dir = write_standin_package(tmp_path / "standin")
+    run_dir = tmp_path / "run"
+    env = launcher_env(name, tmp_path, repo_dir, tmp_path / "unused.yaml", run_dir)
+    for knob in ("DEVICE", "NPROC", "DS_ACCELERATOR"):  # let the launcher decide from nvidia-smi
+        env.pop(knob, None)
+    if name == "slurm_single_node.sbatch":  # the allocation: one task per GPU
+        env |= {"SLURM_NTASKS": str(gpus), "SLURM_NTASKS_PER_NODE": str(gpus)}
+    done = run_launcher(name, env, repo_dir, ["train.max_steps=3", "dist.timeout_s=60"])
+    assert_complete_run(done, run_dir)
+    start = read_metrics(run_dir)[0]
+    assert (start["world_size"], start["backend"], start["accelerator"]) == (gpus, "nccl", None), start

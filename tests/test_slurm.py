@@ -187,6 +187,18 @@ def test_standin_single_node_sbatch(one_node: SlurmCluster, standin_dir: Path, t
     assert (run_dir / "logs" / f"standin1-{job}.log").is_file()
 
 
+def test_standin_deepspeed_sbatch(one_node: SlurmCluster, standin_dir: Path, tmp_path: Path) -> None:
+    """`deepspeed --launcher slurm` inside the allocation: hostfile from scontrol, one srun step of 2 tasks."""
+    run_dir = tmp_path / "run"
+    job = submit(one_node, "slurm_deepspeed.sbatch", repo_dir=standin_dir, config=tmp_path / "x.yaml",
+                 run_dir=run_dir, args=["train.max_steps=2"], name="standinds")  # fmt: skip
+    wait_completed(one_node, job)
+    assert metric_rows(run_dir)[0]["world_size"] == 2
+    assert sorted(losses_by_step(metric_rows(run_dir))) == [1, 2]
+    hostfile = (run_dir / "logs" / f"hostfile-{job}").read_text().split()
+    assert hostfile == [one_node.node_names[0], "slots=2"]
+
+
 def test_standin_two_node_rendezvous_kill_and_resume(two_nodes: SlurmCluster, standin_dir: Path, tmp_path: Path) -> None:
     """torchrun agents on nodeA and nodeB meet; killing nodeB's rank fails the job; --resume auto finishes."""
     run_dir = tmp_path / "run"

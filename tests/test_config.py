@@ -572,3 +572,10 @@ def test_yaml_round_trip(tmp_path: Path, data_dir: Path) -> None:
     again = load_config(dumped)
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path, data_dir: Path) -> None:
+    path = write(tmp_path, f"model: {{path: m}}\ndata: {{dir: {data_dir}}}\ntrain:\n  max_steps: 5\n  seed: 1\n  max_steps: 10\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == ("train.max_steps: given twice (lines 4 and 6); keep one",)

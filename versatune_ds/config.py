@@ -312,6 +312,10 @@ def load_config(
         raw = loaded
         if node is not None:
             _collect_lines(node, "", lines)
+            # PyYAML keeps the last of two equal keys without a word; a silently ignored setting is a trap.
+            twice = _duplicate_keys(node, "")
+            if twice:
+                raise ConfigError([f"{key}: given twice (lines {a} and {b}); keep one" for key, a, b in twice], source)
         base_dir = file_path.resolve().parent
     raw = _resolve_paths(raw, base_dir)
     for item in overrides:
@@ -343,6 +347,27 @@ def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], active: 
             key = f"{prefix}[{index}]"
             lines[key] = child.start_mark.line + 1
             _collect_lines(child, key, lines, active)
+
+
+def _duplicate_keys(node: yaml.Node, prefix: str, active: frozenset[int] = frozenset()) -> list[tuple[str, int, int]]:
+    """(dotted key, first line, second line) for every key written twice in the same YAML mapping."""
+    if id(node) in active:  # a recursive alias
+        return []
+    active = active | {id(node)}
+    found: list[tuple[str, int, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key in first_line:
+                found.append((key, first_line[key], line))
+            first_line.setdefault(key, line)
+            found.extend(_duplicate_keys(value_node, key, active))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, child in enumerate(node.value):
+            found.extend(_duplicate_keys(child, f"{prefix}[{index}]", active))
+    return found
 
 
 def _with_line(problem: str, lines: Mapping[str, int], source: str | None) -> str:

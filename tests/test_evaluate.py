@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,96 @@ def test_wrong_domain_id_is_rejected():
 def test_lockstep_count():
     assert lockstep_num_batches([5, 4], 2) == 3
     assert lockstep_num_batches([0, 0], 2) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The `eval` command (single process)
+
+
+def run_eval(argv: list[str]) -> int:
+    import argparse
+
+    from versatune_ds import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return evaluate.run_command(parser.parse_args(argv))
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def write_mcq(path: Path, n: int) -> Path:
+    import json
+
+    rows = [{"question": f"What did the court hold in case {i}?", "choices": ["void", "valid", "moot", "remanded"], "answer": i % 4} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_command_writes_results(tmp_path, tiny_model_dir, tiny):
+    import json
+
+    from versatune_ds.mcq import load_mcq_file, mcq_accuracy, score_mcq
+
+    if not (SAMPLE / "law.jsonl").is_file():
+        pytest.skip("data/sample/law.jsonl not in the repo yet")
+    mcq_file = write_mcq(tmp_path / "law_mcq.jsonl", 5)
+    out = tmp_path / "res" / "results.json"
+    code = run_eval(
+        ["--model", str(tiny_model_dir), "--heldout", f"law={SAMPLE / 'law.jsonl'}", "--mcq", f"law={mcq_file}",
+         f"science={mcq_file}", "--max-items", "4", "--batch-size", "3", "--out", str(out)]
+    )
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert list(results["domains"]) == ["law", "science"]
+    law, science = results["domains"]["law"], results["domains"]["science"]
+    assert law["n"] == 4 and law["tokens"] > 0 and law["loss"] > 0
+    assert science["loss"] is None and science["tokens"] == 0 and science["n"] == 4
+    # The command's accuracy equals scoring the same subset directly.
+    model, tokenizer = tiny
+    items = load_mcq_file(mcq_file, 0, max_items=4, seed=0)
+    direct = mcq_accuracy(score_mcq(hf_forward(model), items, tokenizer, batch_size=2, pad_token_id=tokenizer.pad_token_id, env=SINGLE), 1)
+    assert law["acc"] == pytest.approx(direct.acc[0]) and law["acc_norm"] == pytest.approx(direct.acc_norm[0])
+    assert results["macro"]["acc"] == pytest.approx((law["acc"] + science["acc"]) / 2)
+    assert results["macro"]["loss"] == pytest.approx(law["loss"])
+
+
+def test_eval_command_run_dir_final(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "run" / "final")
+    out = tmp_path / "r.json"
+    assert run_eval(["--run-dir", str(tmp_path / "run"), "--mcq", f"x={write_mcq(tmp_path / 'm.jsonl', 3)}", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["domains"]["x"]["n"] == 3
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mcq", "law"], "expected DOMAIN=PATH"),
+        (["--mcq", "law=/no/such.jsonl"], "file not found"),
+        (["--mcq", "law={mcq}"], "no model given"),
+        (["--model", "M", "--checkpoint", "t", "--mcq", "law={mcq}"], "--checkpoint needs --run-dir"),
+        (["--run-dir", "{tmp}", "--mcq", "law={mcq}"], "no exported model"),
+        (["--run-dir", "{tmp}", "--checkpoint", "step9", "--mcq", "law={mcq}"], "no such checkpoint"),
+        (["--model", "M"], "nothing to evaluate"),
+        (["--model", "M", "--mcq", "law={mcq}", "--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_eval_command_user_errors(tmp_path, argv, message):
+    from versatune_ds.errors import UserError
+
+    mcq = write_mcq(tmp_path / "m.jsonl", 2)
+    argv = [a.format(mcq=mcq, tmp=tmp_path) for a in argv]
+    with pytest.raises(UserError, match=message):
+        run_eval(argv)
+
+
+def test_command_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, versatune_ds.evaluate; bad = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

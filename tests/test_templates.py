@@ -150,13 +150,15 @@ def test_formats_and_row_errors() -> None:
     assert templates.plain_text(ALPACA, "alpaca") == "Be brief.\nName the capital of France.\n\nAnswer in one word.\nParis."
 
 
-def test_labels_from_offsets_uses_token_starts() -> None:
+def test_labels_from_offsets_uses_overlap() -> None:
     ids = [10, 11, 12, 13, 14]
     offsets = [(0, 2), (2, 4), (4, 7), (7, 9), (9, 10)]
     # Span [3, 8): token 1 straddles its start and token 3 its end (both carry loss); tokens 0 and 4 are outside.
-    assert templates.labels_from_offsets(ids, offsets, [(3, 8)]) == [IGNORE_INDEX, 11, 12, 13, IGNORE_INDEX]
-    assert templates.labels_from_offsets(ids, offsets, [(4, 7)]) == [IGNORE_INDEX, IGNORE_INDEX, 12, IGNORE_INDEX, IGNORE_INDEX]
-    assert templates.labels_from_offsets(ids, offsets, [(0, 2), (9, 10)]) == [10, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 14]
+    assert templates.labels_from_offsets(ids, offsets, [(3, 8)]).tolist() == [IGNORE_INDEX, 11, 12, 13, IGNORE_INDEX]
+    assert templates.labels_from_offsets(ids, offsets, [(4, 7)]).tolist() == [IGNORE_INDEX, IGNORE_INDEX, 12, IGNORE_INDEX, IGNORE_INDEX]
+    assert templates.labels_from_offsets(ids, offsets, [(0, 2), (9, 10)]).tolist() == [10, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 14]
+    # A zero-width token (special tokens can have empty offsets) inside a span counts; one at a span's end does not.
+    assert templates.labels_from_offsets([1, 2], [(3, 3), (8, 8)], [(2, 8)]).tolist() == [1, IGNORE_INDEX]
 
 
 class _CharTokenizer:

@@ -28,6 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 FORMATS = ("alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "chat_template", "simple", "chatml")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -263,24 +265,30 @@ def _render_chat_template(messages: Sequence[Mapping[str, str]], tokenizer: Any)
 # Tokenization with loss masks
 
 
-def labels_from_offsets(input_ids: Sequence[int], offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> list[int]:
-    """`input_ids` with every token that does not overlap a loss span set to -100.
+def labels_from_offsets(input_ids: Sequence[int], offsets: Sequence[Sequence[int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """`input_ids` with every token that does not overlap a loss span set to -100 (int64 array).
 
     Overlap (not "starts inside") so that no assistant character is ever left without loss: when the
     content starts with whitespace, byte-level BPE can merge the template's newline with it into one
     token (e.g. "\n   " + "return"); that token then carries loss, template newline included.
     """
-    labels = [IGNORE_INDEX] * len(input_ids)
-    span_index = 0
-    for position, (token, (start, end)) in enumerate(zip(input_ids, offsets)):
-        while span_index < len(spans) and start >= spans[span_index][1]:
-            span_index += 1
-        if span_index < len(spans) and end > spans[span_index][0]:
-            labels[position] = token
+    ids = np.asarray(input_ids, dtype=np.int64)
+    labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+    if not spans or ids.size == 0:
+        return labels
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    span_starts = np.array([s for s, _ in spans], dtype=np.int64)
+    span_ends = np.array([e for _, e in spans], dtype=np.int64)
+    # Spans are sorted and disjoint: the only span a token can overlap first is the first one ending after its start.
+    candidate = np.searchsorted(span_ends, bounds[:, 0], side="right")
+    valid = candidate < len(spans)
+    overlaps = np.zeros(ids.shape, dtype=bool)
+    overlaps[valid] = span_starts[candidate[valid]] < bounds[valid, 1]
+    labels[overlaps] = ids[overlaps]
     return labels
 
 
-def tokenize_rendered(rendered: Sequence[Rendered], tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_rendered(rendered: Sequence[Rendered], tokenizer: Any) -> tuple[list[list[int]], list]:
     """Token ids and labels of rendered conversations (one batched tokenizer call for fast tokenizers)."""
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(

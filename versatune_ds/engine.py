@@ -268,3 +268,49 @@ def _as_float(value: Any) -> float | None:
         return None
     value = float(value.item() if hasattr(value, "item") else value)
     return value if math.isfinite(value) else None
+
+
+def start_process_group(env: dist.DistEnv, *, backend: str, timeout_s: int) -> None:
+    """The process group DeepSpeed needs, also for one process (a private in-memory store: no port to collide on)."""
+    if env.is_distributed:
+        dist.init_distributed(env, backend=backend, timeout_s=timeout_s)
+        return
+    import datetime
+    import os
+
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = dist.resolve_backend(backend)
+    if backend == "gloo":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 30-60 s JIT build
+    torch_dist.init_process_group(
+        backend=backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+class EvalEngine:
+    """A model under DeepSpeed without an optimizer (ZeRO-3 partitioned when the config says so), for evaluation."""
+
+    def __init__(self, cfg: RunConfig, ds_config: dict, model_path: str) -> None:
+        import dataclasses
+
+        import deepspeed
+
+        model_cfg = dataclasses.replace(cfg.model, path=model_path, gguf_file=None, gradient_checkpointing=False)
+        model = load_model(dataclasses.replace(cfg, model=model_cfg), ds_config)
+        inference_config = {k: v for k, v in ds_config.items() if k not in ("zero_force_ds_cpu_optimizer",)}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, config=inference_config)
+        self.engine.eval()
+
+    def forward_loss_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = {k: v.to(self.engine.device) for k, v in batch.items()}
+        labels = inputs.pop("labels")
+        with torch.no_grad():
+            logits = self.engine(**inputs, use_cache=False).logits
+            sums, counts = row_loss_sums(logits, labels)
+        return sums.double().cpu(), counts.cpu()

@@ -1,0 +1,331 @@
+"""`versatune-ds train`: the one orchestrator, readable top to bottom.
+
+    config -> DeepSpeed config (batch check before any process group) -> resume checks -> memory preflight
+    -> process group -> config.yaml -> data -> probe distribution -> weight policy -> sampler
+    -> ZeRO model + engine -> (restore checkpoint) -> [eval at start] -> loop:
+         next global batch (this rank's slice, split into accumulation micro-batches) -> train_step
+         -> metrics / trace -> every eval.every: per-domain eval, policy.after_eval -> sampler.set_weights
+         -> every checkpoint.every: checkpoint
+    -> final eval + checkpoint -> export (final/)
+
+Every rank runs this same code; collectives happen in the same order on every rank (DESIGN.md §4).
+Decisions (new weights, skipping a non-finite step) are made collectively: the policy computes on
+rank 0 and broadcasts, `train_step` agrees on skips with `any_rank_true`.
+
+This is a command module: torch / transformers / deepspeed are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from versatune_ds import dist
+from versatune_ds.errors import UserError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from versatune_ds.config import RunConfig
+    from versatune_ds.domains import Domains
+    from versatune_ds.engine import TrainEngine
+
+logger = logging.getLogger(__name__)
+
+NEEDS_DISTRIBUTION = ("versatune", "versatune_static", "inverse")
+EXIT_STOPPED_NONFINITE = 3
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_dir: Path
+    final_step: int
+    skipped_steps: int
+    stopped_on_nonfinite: bool
+    export_dir: Path | None
+
+
+def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: bool = False) -> TrainSummary:
+    """Train as `cfg` says; call on every rank (torchrun, the deepspeed launcher, srun, or one process)."""
+    from versatune_ds import checkpoint
+    from versatune_ds.config import config_to_yaml
+    from versatune_ds.data import load_tokenizer, prepare_data
+    from versatune_ds.ds_config import build_ds_config
+    from versatune_ds.engine import TrainEngine, load_model, start_process_group
+    from versatune_ds.log import JsonlWriter, MetricsLogger, TrainProgress, truncate_jsonl
+    from versatune_ds.memory import preflight_warning
+    from versatune_ds.sampler import MixtureSampler, MixtureSchedule
+
+    env = dist.DistEnv.from_environ(default_port=cfg.dist.master_port)
+    run_dir = Path(cfg.train.run_dir)
+
+    # 1. Everything that can be wrong with the setup fails here, before a process group or a model.
+    ds_config = build_ds_config(cfg, env.world_size)
+    resume_from = checkpoint.resolve_resume(run_dir, resume)
+    if resume == "none" and checkpoint.find_latest(run_dir) is not None:
+        raise UserError(
+            f"--resume none, but {run_dir} already holds checkpoints; use --resume auto to continue the run, "
+            "or choose a new train.run_dir"
+        )
+    saved = checkpoint.read_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        checkpoint.check_config_unchanged(
+            saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
+        )
+    preflight_warning(cfg, ds_config, env)
+
+    # 2. Process group, resolved config, data.
+    start_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    domains = data.domains
+    if saved is not None:
+        checkpoint.check_data_unchanged(
+            saved, domains.names, [d.fingerprint for d in data.per_domain], where=str(resume_from)
+        )
+
+    # 3. Mixture: the probed distribution, the weight policy, the sampler.
+    distribution = initial_distribution(cfg, env, run_dir, domains, tokenizer)
+    policy = build_policy(cfg, env, run_dir, data, distribution, ds_config)
+    sampler = MixtureSampler(
+        [len(d.train_rows) for d in data.per_domain],
+        seed=cfg.train.seed,
+        block_size=cfg.mixture.block_size,
+        global_batch_size=ds_config["train_batch_size"],
+        rank=env.rank,
+        world_size=env.world_size,
+        schedule=MixtureSchedule.constant(policy.initial_item_weights()),
+        domain_names=domains.names,
+    )
+
+    # 4. The model, partitioned at load under ZeRO-3, and the engine; restore a checkpoint.
+    engine = TrainEngine(cfg, load_model(cfg, ds_config), ds_config, total_steps=cfg.train.max_steps)
+    step = 0
+    if resume_from is not None:
+        saved = checkpoint.load_checkpoint(engine, resume_from, env)
+        step = int(saved["step"])
+        sampler.load_state_dict(saved["sampler"])
+        policy.load_state_dict(saved["policy"])
+        engine.skipped_steps = int(saved.get("skipped_steps", 0))
+    trace_path = run_dir / "trace" / f"rank{env.rank}.jsonl"
+    if env.is_main:  # lines written after the checkpoint by a killed run are replayed now
+        truncate_jsonl(run_dir / "metrics.jsonl", step)
+    if cfg.train.trace_samples:
+        truncate_jsonl(trace_path, step)
+    trace = JsonlWriter(trace_path) if cfg.train.trace_samples else None
+    metrics = MetricsLogger(
+        run_dir, is_main=env.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+        wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name,
+        config=checkpoint.config_state(cfg)["config"], resume=step > 0,
+    )
+
+    def evaluate_and_reweight(at_step: int) -> None:
+        losses = evaluate(engine, data, cfg, env)
+        new_weights = policy.after_eval(at_step, losses)
+        if new_weights is not None:
+            sampler.set_weights(new_weights)  # identical on every rank: the policy broadcast them
+        metrics.log(at_step, {**loss_metrics(domains, losses), **weight_metrics(policy, domains, sampler)})
+
+    def save(at_step: int) -> None:
+        state = {
+            "sampler": sampler.state_dict(),
+            "schedule": sampler.schedule.to_json(),
+            "policy": policy.state_dict(),
+            "skipped_steps": engine.skipped_steps,
+            "domain_names": list(domains.names),
+            "data_fingerprints": [d.fingerprint for d in data.per_domain],
+            **checkpoint.config_state(cfg),
+        }
+        checkpoint.save_checkpoint(engine, run_dir, step=at_step, state=state, keep_last=cfg.checkpoint.keep_last, env=env)
+
+    # 5. The loop.
+    if step == 0:
+        if cfg.eval.at_start:
+            evaluate_and_reweight(0)
+        else:
+            metrics.log(0, weight_metrics(policy, domains, sampler))
+    progress = TrainProgress(total_steps=cfg.train.max_steps, start_step=step, log_every=cfg.train.log_every, is_main=env.is_main)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
+    stopped = False
+    last_eval = last_save = step
+    try:
+        while step < cfg.train.max_steps:
+            started = time.perf_counter()
+            ids = sampler.next_batch()  # this rank's rows of the global batch: [micro * accum, 2] (domain, row)
+            rows = [data.per_domain[d].train_rows[i] for d, i in ids]
+            micro_batches = [
+                collate(rows[k * micro : (k + 1) * micro], data.pad_token_id, data.packed) for k in range(accum)
+            ]
+            result = engine.train_step(micro_batches)
+            domain_tokens = dist.all_reduce_sum(
+                np.bincount(ids[:, 0], weights=[r.num_tokens for r in rows], minlength=len(domains))
+            )
+            elapsed = time.perf_counter() - started
+            step += 1
+            if trace is not None:
+                trace.write({"step": step, "rows": [[int(d), int(i), list(r.example_indices)] for (d, i), r in zip(ids, rows)]})
+            tokens_per_s = float(domain_tokens.sum()) / max(elapsed, 1e-9)
+            record = {
+                "train/loss": result.loss,
+                "train/lr": result.lr,
+                "train/tokens_per_s": tokens_per_s,
+                "train/loss_tokens": result.loss_tokens,
+                "train/skipped_steps": engine.skipped_steps,
+            }
+            if result.grad_norm is not None:
+                record["train/grad_norm"] = result.grad_norm
+            record.update({f"train/domain_tokens/{domains.name_of(d)}": float(n) for d, n in enumerate(domain_tokens)})
+            metrics.log(step, record)
+            progress.update(step, result.loss, tokens_per_s)
+            if result.skipped:
+                logger.warning("step %d: non-finite loss or gradient on some rank; optimizer step skipped", step)
+                if cfg.train.on_nonfinite == "stop":
+                    save(step)
+                    last_save = step
+                    stopped = True
+                    break
+            if step % cfg.eval.every == 0 or step == cfg.train.max_steps:
+                evaluate_and_reweight(step)
+                last_eval = step
+            if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+                save(step)
+                last_save = step
+    finally:
+        progress.close()
+    if not stopped and last_eval != step:  # max_steps already reached when the run was started
+        evaluate_and_reweight(step)
+    if last_save != step and not stopped:
+        save(step)
+
+    # 6. Export the final model.
+    export_dir = None
+    if cfg.export.at_end and not stopped:
+        from versatune_ds.export import export_from_engine
+
+        export_dir = export_from_engine(engine, tokenizer, run_dir / "final", cfg=cfg, env=env)
+    metrics.close()
+    if trace is not None:
+        trace.close()
+    if stopped:
+        logger.error("stopped at step %d on a non-finite loss (train.on_nonfinite=stop); checkpoint saved", step)
+    return TrainSummary(run_dir, step, engine.skipped_steps, stopped, export_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def collate(rows: list, pad_token_id: int, packed: bool) -> dict:
+    from versatune_ds.packing import collate_rows
+
+    return collate_rows(rows, pad_token_id=pad_token_id, packed=packed)
+
+
+def evaluate(engine: TrainEngine, data: Any, cfg: RunConfig, env: dist.DistEnv) -> np.ndarray:
+    """Per-domain held-out loss by domain id, identical on every rank."""
+    from versatune_ds.evaluate import evaluate_domain_losses
+
+    with engine.eval_mode():
+        result = evaluate_domain_losses(
+            engine.forward_loss_sums,
+            [d.heldout for d in data.per_domain],
+            micro_batch_size=cfg.eval.micro_batch_size,
+            pad_token_id=data.pad_token_id,
+            env=env,
+        )
+    return result.loss
+
+
+def loss_metrics(domains: Domains, losses: np.ndarray) -> dict[str, float]:
+    return {f"eval/{domains.name_of(d)}/loss": float(v) for d, v in enumerate(losses)}
+
+
+def weight_metrics(policy: Any, domains: Domains, sampler: Any) -> dict[str, float]:
+    if hasattr(policy, "metrics"):
+        return dict(policy.metrics())
+    weights = sampler.schedule.stages[-1].weights
+    return {f"mixture/{domains.name_of(d)}/weight": float(w) for d, w in enumerate(weights)}
+
+
+def initial_distribution(cfg: RunConfig, env: dist.DistEnv, run_dir: Path, domains: Domains, tokenizer: Any) -> np.ndarray | None:
+    """The probed domain distribution p for strategies that start from it (else None).
+
+    Order: mixture.distribution; <run_dir>/probe/distribution.json (an earlier probe or a resumed run);
+    else run the probe now (every rank).
+    """
+    if cfg.mixture.strategy not in NEEDS_DISTRIBUTION:
+        return None
+    from versatune_ds.probe import read_distribution, run_probe
+
+    if cfg.mixture.distribution:
+        return read_distribution(cfg.mixture.distribution, domains)
+    existing = run_dir / "probe" / "distribution.json"
+    if existing.is_file():
+        logger.info("using the probed distribution in %s", existing)
+        return read_distribution(existing, domains)
+    logger.info("probing the base model's domain distribution (%d samples)", cfg.probe.num_samples)
+    return run_probe(cfg, env, run_dir=run_dir, tokenizer=tokenizer).p
+
+
+def build_policy(cfg: RunConfig, env: dist.DistEnv, run_dir: Path, data: Any, distribution: np.ndarray | None, ds_config: dict) -> Any:
+    """M's weight policy (weighting.build_weight_policy); a reference model is evaluated under DeepSpeed."""
+    from versatune_ds.weighting import build_weight_policy
+
+    def evaluate_model(model_path: str) -> np.ndarray:
+        from versatune_ds.engine import EvalEngine
+        from versatune_ds.evaluate import evaluate_domain_losses
+
+        reference = EvalEngine(cfg, ds_config, model_path)
+        result = evaluate_domain_losses(
+            reference.forward_loss_sums, [d.heldout for d in data.per_domain],
+            micro_batch_size=cfg.eval.micro_batch_size, pad_token_id=data.pad_token_id, env=env,
+        )
+        del reference
+        return result.loss
+
+    return build_weight_policy(
+        cfg, data.domains, data, run_dir, env, initial_distribution=distribution, evaluate_model=evaluate_model
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The `train` command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (default: continue from the run dir's latest complete checkpoint, if any) | none | <checkpoint or run dir>",
+    )
+    parser.add_argument(
+        "--allow-config-change", action="store_true", help="resume even if result-changing config keys differ from the checkpoint's"
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import warnings
+
+    from versatune_ds.config import load_config
+
+    # DeepSpeed calls torch.distributed functions torch has deprecated: one warning per call, per step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    dist.destroy()
+    if summary.stopped_on_nonfinite:
+        return EXIT_STOPPED_NONFINITE
+    logger.info("done: %d steps, %d skipped; run dir %s", summary.final_step, summary.skipped_steps, summary.run_dir)
+    if summary.export_dir is not None:
+        logger.info("model exported to %s", summary.export_dir)
+    return 0

@@ -304,7 +304,7 @@ def load_config(
             node = yaml.compose(text)
             loaded = yaml.safe_load(text)
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date-like scalar such as 2020-13-45
-            raise UserError(f"config file {path} is not valid YAML: {exc}") from None
+            raise UserError(f"config file {path} is not valid YAML{_yaml_reason(exc, str(path))}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -329,6 +329,16 @@ def load_config(
     if problems:
         raise ConfigError([_with_line(p, lines, source) for p in problems], source)
     return cfg
+
+
+def _yaml_reason(exc: Exception, source: str | None) -> str:
+    """`: <file>:<line>:<column>: <what>` from a YAML error, without PyYAML's multi-line source excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}: " if source else f"column {mark.column + 1}: "
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        return f": {where}{what}"
+    return f": {exc}"
 
 
 def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], active: frozenset[int] = frozenset()) -> None:
@@ -438,7 +448,10 @@ def _resolve_one(value: str, base_dir: Path) -> str:
     if value.startswith(HF_SOURCE_PREFIX):
         return value
     expanded = Path(os.path.expanduser(value))
-    return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
+    try:
+        return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
+    except (ValueError, OSError):  # e.g. an embedded NUL byte: leave it; validation reports the file as not found
+        return value
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -452,7 +465,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date-like value such as 2020-13-45
-        raise UserError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        raise UserError(f"override {item!r}: the value is not valid YAML{_yaml_reason(exc, None)}; quote it if it is text") from None
     parts = key.split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):

@@ -115,7 +115,10 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def _warn_skipped(skipped: dict[str, int], domain_name: str) -> None:
     for file, count in skipped.items():
-        logger.warning("domain %s: skipped %d row(s) of %s (data.on_bad_row / data.truncation = skip)", domain_name, count, file)
+        logger.warning(
+            "domain %s: skipped %d row(s) of %s (bad rows with data.on_bad_row=skip, too long with data.truncation=skip, "
+            "or truncated until no assistant token was left)", domain_name, count, file,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -220,7 +220,7 @@ scalars = st.one_of(
     st.integers(min_value=-(10**6), max_value=10**6),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12),
-    st.sampled_from(["law", "code", "auto", "fixed", "versatune", "hf:x", "../data", "~/x", "a\x00b", "2020-13-45", "3e-4"]),
+    st.sampled_from(["law", "code", "auto", "fixed", "versatune", "hf:x", "../data", "~/x", "a\x00b", "../a\x00b", "2020-13-45", "3e-4", "x" * 5000, "../" * 2000]),
 )
 keys = st.one_of(st.sampled_from(SECTIONS + KEYS), st.text(max_size=8), st.integers(min_value=0, max_value=3))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)), max_leaves=20)

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from versatune_ds.config import (
     CHOICES,
@@ -579,3 +580,13 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems == ("train.max_steps: given twice (lines 4 and 6); keep one",)
+
+
+@pytest.mark.parametrize("name", ["a\0b", "../a\0b", "x" * 5000, "x/" * 3000])
+def test_paths_the_os_cannot_look_up_are_reported_not_crashed(tmp_path: Path, name: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": name, "tokenizer": name}, "data": {"domains": [{"name": "law", "train": name}]}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [p.split(":")[0] for p in info.value.problems] == ["data.domains[0].train[0]"]
+    assert "file not found" in info.value.problems[0]

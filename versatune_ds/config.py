@@ -430,8 +430,8 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             value = os.path.expanduser(block[key])
             candidate = base_dir / value
             explicit = value.startswith(("./", "../", ".\\", "..\\"))
-            if not Path(value).is_absolute() and (explicit or candidate.exists()):
-                out[section] = {**block, key: str(candidate.resolve())}
+            if not Path(value).is_absolute() and (explicit or _exists(candidate)):
+                out[section] = {**block, key: _resolve_one(value, base_dir)}
     return out
 
 
@@ -452,6 +452,14 @@ def _resolve_one(value: str, base_dir: Path) -> str:
         return str(expanded if expanded.is_absolute() else (base_dir / expanded).resolve())
     except (ValueError, OSError):  # e.g. an embedded NUL byte: leave it; validation reports the file as not found
         return value
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists() that says False for names the OS cannot even look up (NUL byte, name too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -662,7 +670,7 @@ def _validate_domains(cfg: RunConfig, check_files: bool = True) -> list[str]:
             problems.append(f"{key}.format: given {domain.format!r}; expected one of {', '.join(FORMATS)}")
         for source_key in _PATH_KEYS:
             for i, source in enumerate(getattr(domain, source_key)):
-                if check_files and not source.startswith(HF_SOURCE_PREFIX) and not Path(source).exists():
+                if check_files and not source.startswith(HF_SOURCE_PREFIX) and not _exists(Path(source)):
                     problems.append(
                         f"{key}.{source_key}[{i}]: file not found: {source}; fix the path (relative paths in a config "
                         f"file are resolved against the file's folder) or write hf:<dataset name> for a hub data set"

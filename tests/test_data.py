@@ -84,9 +84,9 @@ def test_heldout_split_is_fixed_disjoint_and_capped(tmp_path, tokenizer) -> None
     held = {_decode_loss(tokenizer, e.input_ids, e.labels) for e in first.heldout}
     trained = {_decode_loss(tokenizer, r.input_ids, r.labels) for r in first.train_rows}
     assert len(held) == 7 and held.isdisjoint(trained) and len(trained) == 53
-    # Same split without the cache, and independent of train.seed.
+    # The same rows with another seq_len and no cache (the split depends on the file contents only).
     other = _config(tmp_path, [_domain(tmp_path, "a", rows)], heldout_fraction=0.5, heldout_max_examples=7, packing=False,
-                    cache_dir=str(tmp_path / "other_cache"))
+                    cache_dir=str(tmp_path / "other_cache"), seq_len=200)
     again = data.prepare_data(other, tokenizer).per_domain[0]
     assert {_decode_loss(tokenizer, e.input_ids, e.labels) for e in again.heldout} == held
     assert data.split_heldout(10, 0.0, 5, seed=1)[1].__len__() == 1  # at least one

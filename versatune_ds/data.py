@@ -281,7 +281,10 @@ def _load_domain(
         logger.info("domain %s: cache hit (%s), tokenization skipped", domain.name, cache_file)
         skipped = {all_files[int(i)]: n for i, n in skipped_by_index.items()}
     else:
-        train, heldout, skipped = _tokenize_domain(cfg, domain, key, train_files, heldout_files, tokenizer, template, content_key)
+        # The held-out split is seeded by the training files' contents only, not by train.seed, the tokenizer or
+        # seq_len: runs that differ in those are evaluated on the same rows.
+        split_seed = int(hashlib.sha256(" ".join(settings["train"]).encode()).hexdigest()[:15], 16)
+        train, heldout, skipped = _tokenize_domain(cfg, domain, key, train_files, heldout_files, tokenizer, template, split_seed)
         _write_cache(cache_file, train, heldout, {str(all_files.index(f)): n for f, n in skipped.items()})
     _warn_skipped(skipped, domain.name)
     return train, heldout, skipped, content_key
@@ -295,7 +298,7 @@ def _tokenize_domain(
     heldout_files: list[str],
     tokenizer: Any,
     template: str,
-    content_key: str,
+    split_seed: int,
 ) -> tuple[Tokenized, Tokenized, dict[str, int]]:
     skipped: dict[str, int] = {}
     records = read_records(train_files, domain.format, cfg.data.on_bad_row, key, skipped)
@@ -307,10 +310,9 @@ def _tokenize_domain(
     if heldout_files:
         heldout_records = read_records(heldout_files, domain.format, cfg.data.on_bad_row, key, skipped)
     else:
-        # Seeded by the content hash, not by train.seed: runs with other seeds are evaluated on the same rows.
         try:
             train_index, heldout_index = split_heldout(
-                len(records), cfg.data.heldout_fraction, cfg.data.heldout_max_examples, int(content_key[:15], 16)
+                len(records), cfg.data.heldout_fraction, cfg.data.heldout_max_examples, split_seed
             )
         except ValueError as exc:
             raise UserError(f"{key}: domain {domain.name!r} has no held-out data: {exc}; add rows or give {key}.heldout files") from None

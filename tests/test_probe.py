@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from versatune_ds import probe
+from versatune_ds import probe_generation as gen
 from versatune_ds.config import load_config
 from versatune_ds.dist import DistEnv
 from versatune_ds.domains import Domains
@@ -25,26 +26,26 @@ SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", ma
 
 
 def test_command_modules_do_not_import_torch():
-    code = "import sys, versatune_ds.probe, versatune_ds.report; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, versatune_ds.probe, versatune_ds.report, versatune_ds.weighting; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_start_token_bos_then_eos_fallback(caplog):
     with_bos = SimpleNamespace(bos_token_id=1, bos_token="<s>", eos_token_id=2, eos_token="</s>")
-    assert probe.start_token(with_bos) == probe.StartToken(1, "bos", "<s>")
+    assert gen.start_token(with_bos) == gen.StartToken(1, "bos", "<s>")
     no_bos = SimpleNamespace(bos_token_id=None, bos_token=None, eos_token_id=2, eos_token="</s>")
     with caplog.at_level("WARNING"):
-        assert probe.start_token(no_bos) == probe.StartToken(2, "eos", "</s>")
+        assert gen.start_token(no_bos) == gen.StartToken(2, "eos", "</s>")
     assert "no BOS" in caplog.text
     with pytest.raises(UserError, match="BOS"):
-        probe.start_token(SimpleNamespace(bos_token_id=None, bos_token=None, eos_token_id=None, eos_token=None))
+        gen.start_token(SimpleNamespace(bos_token_id=None, bos_token=None, eos_token_id=None, eos_token=None))
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 60), st.integers(1, 5), st.integers(1, 8), st.integers(0, 3))
 def test_plan_gives_every_rank_the_same_number_of_calls(num_remaining, world, batch, offset):
     remaining = list(range(offset, offset + num_remaining * 2, 2))  # arbitrary (non-contiguous) indices
-    plans = [probe.plan_generation(remaining, world, rank, batch) for rank in range(world)]
+    plans = [gen.plan_generation(remaining, world, rank, batch) for rank in range(world)]
     expected_calls = -(-(-(-num_remaining // world)) // batch)  # ceil(ceil(n / world) / batch)
     assert {p.num_calls for p in plans} == {expected_calls}
     assert all(len(p.batches) == p.num_calls for p in plans)
@@ -56,18 +57,18 @@ def test_plan_gives_every_rank_the_same_number_of_calls(num_remaining, world, ba
 
 
 def test_plan_uneven_example():
-    plans = [probe.plan_generation(list(range(10)), 3, rank, 2) for rank in range(3)]
+    plans = [gen.plan_generation(list(range(10)), 3, rank, 2) for rank in range(3)]
     assert [p.batches for p in plans] == [((0, 1), (2, 3)), ((4, 5), (6,)), ((7, 8), (9,))]
-    plans = [probe.plan_generation(list(range(5)), 4, rank, 4) for rank in range(4)]
+    plans = [gen.plan_generation(list(range(5)), 4, rank, 4) for rank in range(4)]
     assert [p.batches for p in plans] == [((0, 1),), ((2,),), ((3,),), ((4,),)]
-    assert probe.plan_generation([0], 2, 1, 4).batches == ((),)  # a dummy call
+    assert gen.plan_generation([0], 2, 1, 4).batches == ((),)  # a dummy call
 
 
 def test_prompt_seed_is_deterministic_and_distinct():
-    seeds = [probe.prompt_seed(42, i) for i in range(-1, 1000)]
+    seeds = [gen.prompt_seed(42, i) for i in range(-1, 1000)]
     assert len(set(seeds)) == len(seeds)
-    assert seeds == [probe.prompt_seed(42, i) for i in range(-1, 1000)]
-    assert probe.prompt_seed(43, 5) != probe.prompt_seed(42, 5)
+    assert seeds == [gen.prompt_seed(42, i) for i in range(-1, 1000)]
+    assert gen.prompt_seed(43, 5) != gen.prompt_seed(42, 5)
     assert all(0 <= s < 2**63 for s in seeds)
 
 
@@ -76,12 +77,12 @@ def test_prompt_sampler_topk_and_topp_reduce_to_argmax():
 
     scores = torch.tensor([[0.1, 3.0, 0.5, 2.9], [5.0, 0.0, 0.0, 4.9]])
     for kwargs in ({"top_k": 1, "top_p": 1.0}, {"top_k": 0, "top_p": 1e-6}):
-        out = probe.PromptSampler([1, 2], temperature=1.0, **kwargs)(None, scores)
+        out = gen.PromptSampler([1, 2], temperature=1.0, **kwargs)(None, scores)
         assert out.argmax(dim=-1).tolist() == [1, 0]
         assert torch.isinf(out).sum().item() == 6  # one finite entry per row
     # Same seed, same row -> same draw, whatever else is in the batch.
-    a = probe.PromptSampler([7, 8], temperature=1.0, top_k=0, top_p=1.0)(None, torch.zeros(2, 50))
-    b = probe.PromptSampler([8], temperature=1.0, top_k=0, top_p=1.0)(None, torch.zeros(1, 50))
+    a = gen.PromptSampler([7, 8], temperature=1.0, top_k=0, top_p=1.0)(None, torch.zeros(2, 50))
+    b = gen.PromptSampler([8], temperature=1.0, top_k=0, top_p=1.0)(None, torch.zeros(1, 50))
     assert a[1].argmax() == b[0].argmax()
 
 
@@ -95,17 +96,17 @@ def _cfg(model_dir: Path, *overrides: str):
 def _model(cfg):
     from versatune_ds.data import load_tokenizer
 
-    model, _ = probe.load_probe_model(cfg, SINGLE, cfg.model.path, zero3=False)
+    model, _ = gen.load_probe_model(cfg, SINGLE, cfg.model.path, zero3=False)
     return model, load_tokenizer(cfg)
 
 
 def test_generation_depends_only_on_seed_and_index(tiny_model_dir):
     cfg = _cfg(tiny_model_dir)
     model, tokenizer = _model(cfg)
-    start = probe.start_token(tokenizer)
-    batch = probe.generate_batch(model, tokenizer, start, [0, 1, 2, 3], cfg, synced_gpus=False)
-    alone = probe.generate_batch(model, tokenizer, start, [2], cfg, synced_gpus=False)
-    swapped = probe.generate_batch(model, tokenizer, start, [3, 2], cfg, synced_gpus=False)
+    start = gen.start_token(tokenizer)
+    batch = gen.generate_batch(model, tokenizer, start, [0, 1, 2, 3], cfg, synced_gpus=False)
+    alone = gen.generate_batch(model, tokenizer, start, [2], cfg, synced_gpus=False)
+    swapped = gen.generate_batch(model, tokenizer, start, [3, 2], cfg, synced_gpus=False)
     assert batch[2] == alone[0] == swapped[1]
     assert len({r["text"] for r in batch}) == 4  # different prompts differ
     assert all(0 <= r["num_tokens"] <= 8 for r in batch)
@@ -115,23 +116,23 @@ def test_resume_generates_only_missing_indices(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir)
     model, tokenizer = _model(cfg)
     probe_dir = tmp_path / "probe"
-    full = probe.generate_all(cfg, SINGLE, model, tokenizer, probe_dir, zero3=False)
+    full = gen.generate_all(cfg, SINGLE, model, tokenizer, probe_dir, zero3=False)
     assert [g["index"] for g in full] == list(range(7))
-    lines = (probe_dir / probe.GENERATIONS_FILE).read_text().splitlines()
+    lines = (probe_dir / gen.GENERATIONS_FILE).read_text().splitlines()
     # Keep indices 0, 3, 5 plus a torn (half-written) record, as after a crash.
     kept = [line for line in lines if json.loads(line)["index"] in (0, 3, 5)]
-    (probe_dir / probe.GENERATIONS_FILE).write_text("\n".join(kept) + "\n" + lines[1][:10])
-    resumed = probe.generate_all(cfg, SINGLE, model, tokenizer, probe_dir, zero3=False)
+    (probe_dir / gen.GENERATIONS_FILE).write_text("\n".join(kept) + "\n" + lines[1][:10])
+    resumed = gen.generate_all(cfg, SINGLE, model, tokenizer, probe_dir, zero3=False)
     assert resumed == full  # same texts: seeding is per prompt index
-    after = (probe_dir / probe.GENERATIONS_FILE).read_text().splitlines()
+    after = (probe_dir / gen.GENERATIONS_FILE).read_text().splitlines()
     assert after[:3] == kept and len(after) == 7
     assert sorted(json.loads(line)["index"] for line in after) == list(range(7))
     # Nothing left to do: no generate call at all.
-    again = probe.generate_all(cfg, SINGLE, None, tokenizer, probe_dir, zero3=False)
+    again = gen.generate_all(cfg, SINGLE, None, tokenizer, probe_dir, zero3=False)
     assert again == full
     # Other sampling settings cannot silently extend old generations.
     with pytest.raises(UserError, match="temperature"):
-        probe.generate_all(_cfg(tiny_model_dir, "probe.temperature=0.5"), SINGLE, model, tokenizer, probe_dir, zero3=False)
+        gen.generate_all(_cfg(tiny_model_dir, "probe.temperature=0.5"), SINGLE, model, tokenizer, probe_dir, zero3=False)
 
 
 def test_run_probe_writes_distribution_and_classifier_report(tiny_model_dir, tmp_path):

@@ -30,7 +30,8 @@ WORKER = textwrap.dedent(
     from dataclasses import dataclass
     from pathlib import Path
     import numpy as np
-    from versatune_ds import dist, probe
+    from versatune_ds import dist
+    from versatune_ds import probe_generation as gen
     from versatune_ds.config import load_config
     from versatune_ds.data import load_tokenizer
     from versatune_ds.domains import Domains
@@ -47,15 +48,15 @@ WORKER = textwrap.dedent(
             ["law", "medicine", "finance", "science", "code", "general"])],
     ])
     tokenizer = load_tokenizer(cfg)
-    model, keep = probe.load_probe_model(cfg, env, cfg.model.path, zero3=mode == "zero3")
+    model, keep = gen.load_probe_model(cfg, env, cfg.model.path, zero3=mode == "zero3")
     calls = []
     original = model.generate
     def counting_generate(*args, **kwargs):
         calls.append(int(kwargs["input_ids"].shape[0]))
         return original(*args, **kwargs)
     model.generate = counting_generate
-    generations = probe.generate_all(cfg, env, model, tokenizer, Path(out_dir) / "probe", zero3=mode == "zero3")
-    plan = probe.plan_generation(list(range(cfg.probe.num_samples)), env.world_size, env.rank, cfg.probe.batch_size)
+    generations = gen.generate_all(cfg, env, model, tokenizer, Path(out_dir) / "probe", zero3=mode == "zero3")
+    plan = gen.plan_generation(list(range(cfg.probe.num_samples)), env.world_size, env.rank, cfg.probe.batch_size)
     per_rank = dist.all_gather_objects({"calls": calls, "plan_calls": plan.num_calls,
                                         "prompts": sum(len(b) for b in plan.batches)})
 
@@ -122,15 +123,15 @@ def _run(mode: str, model_dir: Path, out: Path) -> dict:
 
 
 def _single_rank_generations(model_dir: Path, out: Path) -> list[dict]:
-    from versatune_ds import probe
+    from versatune_ds import probe_generation as gen
     from versatune_ds.config import load_config
     from versatune_ds.data import load_tokenizer
 
     single = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500, launcher="single")
     cfg = load_config(None, [f"model.path={model_dir}", f"data.dir={SAMPLE}", f"probe.num_samples={NUM_SAMPLES}",
                              "probe.batch_size=3", f"probe.max_new_tokens={MAX_NEW}"])
-    model, _ = probe.load_probe_model(cfg, single, cfg.model.path, zero3=False)
-    return probe.generate_all(cfg, single, model, load_tokenizer(cfg), out / "probe", zero3=False)
+    model, _ = gen.load_probe_model(cfg, single, cfg.model.path, zero3=False)
+    return gen.generate_all(cfg, single, model, load_tokenizer(cfg), out / "probe", zero3=False)
 
 
 @pytest.mark.parametrize("mode", ["replica", "zero3"])

@@ -1,7 +1,7 @@
 """`versatune-ds train`: the one orchestrator, readable top to bottom.
 
-    config -> DeepSpeed config (batch check before any process group) -> resume checks -> memory preflight
-    -> process group -> config.yaml -> data -> probe distribution -> weight policy -> sampler
+    config -> DeepSpeed config (batch check before any process group) -> resume checks (config, data)
+    -> memory preflight -> process group -> config.yaml -> probe distribution -> weight policy -> sampler
     -> ZeRO model + engine -> (restore checkpoint) -> [eval at start] -> loop:
          next global batch (this rank's slice, split into accumulation micro-batches) -> train_step
          -> metrics / trace -> every eval.every: per-domain eval, policy.after_eval -> sampler.set_weights
@@ -77,20 +77,20 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         checkpoint.check_config_unchanged(
             saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
         )
-    preflight_warning(cfg, ds_config, env)
-
-    # 2. Process group, resolved config, data.
-    start_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
     tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer)  # needs no process group; every rank reads the same cache
     domains = data.domains
     if saved is not None:
         checkpoint.check_data_unchanged(
             saved, domains.names, [d.fingerprint for d in data.per_domain], where=str(resume_from)
         )
+    preflight_warning(cfg, ds_config, env)
+
+    # 2. Process group, resolved config.
+    start_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
 
     # 3. Mixture: the probed distribution, the weight policy, the sampler.
     distribution = initial_distribution(cfg, env, run_dir, domains, tokenizer)

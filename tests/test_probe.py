@@ -170,3 +170,14 @@ def test_heldout_split_is_stratified_and_seeded():
     assert sorted(train + test) == list(range(31))
     assert np.bincount(labels[test], minlength=3).tolist() == [2, 4, 0]
     assert probe.heldout_split(labels, 0.2, seed=3) == (train, test)
+
+
+def test_run_probe_with_llm_judge(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, "classifier.kind=llm_judge", f"classifier.judge_model={tiny_model_dir}")
+    result = probe.run_probe(cfg, SINGLE, run_dir=tmp_path)
+    document = json.loads((tmp_path / "probe" / probe.DISTRIBUTION_FILE).read_text())
+    assert document["classifier"] == "llm_judge" and document["num_texts"] == 7
+    assert sum(document["p"]) == pytest.approx(1.0) and np.all(result.p > 0)
+    assert not (tmp_path / "probe" / probe.CLASSIFIER_REPORT_FILE).exists()  # no TF-IDF classifier trained
+    with pytest.raises(UserError, match="judge_model"):
+        probe.run_probe(_cfg(tiny_model_dir, "classifier.kind=llm_judge"), SINGLE, run_dir=tmp_path)

@@ -15,6 +15,7 @@ imported inside functions only.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -170,6 +171,7 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
         model, keep = load_probe_model(cfg, env, cfg.model.path, zero3=zero3)
     generations = generate_all(cfg, env, model, tokenizer, probe_dir, zero3=zero3)
     del model, keep
+    gc.collect()  # a DeepSpeed engine holds reference cycles: free the probe model before training loads its own
     texts = [g["text"] for g in generations] if env.is_main else None
     if cfg.classifier.kind == "llm_judge":
         probs = judge_probabilities(cfg, env, domains, texts, zero3=zero3)

@@ -316,3 +316,22 @@ def test_tokenize_sft_file(tmp_path, tokenizer) -> None:
     examples = data.tokenize_sft_file(str(path), tokenizer, cfg, domain_id=3)
     assert [e.index for e in examples] == list(range(5)) and {e.domain_id for e in examples} == {3}
     assert [_decode_loss(tokenizer, e.input_ids, e.labels) for e in examples] == [f"answer {i}</s>" for i in range(5)]
+
+
+def test_hf_source_from_a_local_folder(tmp_path, monkeypatch) -> None:
+    """`hf:<name>[:<split>]` goes through datasets.load_dataset; a local folder stands in for the hub here."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", [_alpaca(i) for i in range(3)])
+    source = f"hf:{folder}:train"
+    assert sources.expand_source(source, "key") == [source]
+    rows = list(sources.read_rows(source))
+    assert [where for where, _, _ in rows] == [f"{source} row {i}" for i in (1, 2, 3)]
+    assert [row["output"] for _, row, _ in rows] == [f"answer {i}" for i in range(3)]
+    assert sources.file_hash(source).startswith("hf-")
+    with pytest.raises(UserError, match="cannot load the Hugging Face data set"):
+        list(sources.read_rows(f"hf:{tmp_path / 'missing'}"))

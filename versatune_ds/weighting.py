@@ -427,10 +427,10 @@ def resolve_reference_losses(
         else:
             logger.info("evaluating the reference model %s on the held-out sets", m.reference_model)
             values = np.asarray(evaluate_model(m.reference_model), dtype=np.float64)
+            _checked_reference(values, domains, f"mixture.reference_model ({m.reference_model})")  # never cache bad values
             if env.is_main and cache is not None:
                 write_json_atomic(cache, {
-                    "model": m.reference_model, "fingerprints": fingerprints,
-                    "losses": domains.mapping_from_array(values) if values.shape == (len(domains),) else values.tolist(),
+                    "model": m.reference_model, "fingerprints": fingerprints, "losses": domains.mapping_from_array(values),
                 })
         return _checked_reference(values, domains, f"mixture.reference_model ({m.reference_model})"), f"model: {m.reference_model}"
     logger.warning(

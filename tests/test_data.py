@@ -173,6 +173,16 @@ def test_concurrent_prepares_agree(tmp_path, tokenizer) -> None:
     assert data.prepare_data(cfg, tokenizer).per_domain[0].train_tokens == tokens.pop()
 
 
+def test_num_proc_gives_the_same_tokens(tmp_path, tokenizer) -> None:
+    rows = [_alpaca(i) for i in range(140)]
+    one = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)]), tokenizer).per_domain[0]
+    two = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)], num_proc=2,
+                                    cache_dir=str(tmp_path / "cache2")), tokenizer).per_domain[0]
+    assert one.fingerprint == two.fingerprint
+    assert [r.input_ids.tolist() for r in one.train_rows] == [r.input_ids.tolist() for r in two.train_rows]
+    assert [r.labels.tolist() for r in one.train_rows] == [r.labels.tolist() for r in two.train_rows]
+
+
 # ----------------------------------------------------------------------------------------------
 # Truncation
 

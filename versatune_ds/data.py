@@ -224,6 +224,8 @@ def split_heldout(num_rows: int, fraction: float, max_examples: int, seed: int) 
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     """Tokenized training rows and held-out examples of every domain (cached; safe when every rank calls it)."""
     domains = Domains.from_names(cfg.domain_names)
+    if tokenizer.pad_token_id is None:
+        raise UserError("the tokenizer has no pad token; load it with versatune_ds.data.load_tokenizer, which sets one")
     template = _resolve_template(tokenizer, cfg.data.template)
     tok_hash = tokenizer_fingerprint(tokenizer)
     per_domain = []

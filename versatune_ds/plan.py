@@ -102,10 +102,12 @@ def config_weights(cfg: RunConfig, domains: Domains, data: PreparedData) -> tupl
 
         path = Path(m.distribution) if m.distribution else Path(cfg.train.run_dir) / "probe" / "distribution.json"
         if not path.is_file():
+            where = f"mixture.distribution: file not found: {path}" if m.distribution else (
+                f"mixture.distribution is not set and {path} does not exist"
+            )
             raise UserError(
-                f"mixture.strategy {m.strategy!r} starts from the probed distribution, and there is none "
-                f"({'mixture.distribution' if m.distribution else 'no ' + str(path)}); run `versatune-ds probe` first "
-                "or pass --weights"
+                f"mixture.strategy {m.strategy!r} starts from the probed distribution, and there is none ({where}); "
+                "run `versatune-ds probe` first or pass --weights"
             )
         distribution = read_distribution(path, domains)
         source += f" (distribution {path})"

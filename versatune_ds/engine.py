@@ -14,8 +14,8 @@ token mean whatever the split into ranks and micro-batches, and ZeRO-0/2/3, 1 or
 accumulation give the same updates for the same global batch (up to float summation order).
 
 Non-finite steps. A micro-batch whose loss is not finite has its backward poisoned with NaN so the
-gradients of every rank turn non-finite (the reduction spreads them); the ranks then agree with
-`dist.any_rank_true` before the optimizer step. ZeRO-1/2/3 and the bf16 optimizer refuse a step with a
+gradients of every rank turn non-finite (the reduction spreads them); the ranks then agree (a summed flag, like
+`dist.any_rank_true`) before the optimizer step. ZeRO-1/2/3 and the bf16 optimizer refuse a step with a
 non-finite gradient norm (they clear the gradients and do not touch weights, moments or the LR
 schedule); without a ZeRO optimizer (stage 0) we clear the gradients ourselves and do not step.
 `was_step_applied()` is checked afterwards, so a DeepSpeed that did step anyway is an error, not a
@@ -202,7 +202,9 @@ class TrainEngine:
             self.engine.backward(to_backward, scale_wrt_gas=False)
         if self.stage == 0:
             local_nonfinite = local_nonfinite or _grads_nonfinite(self.module)
-        skipped = dist.any_rank_true(local_nonfinite)
+        # One collective for both: the loss sum for the log, and whether any rank saw a non-finite value.
+        totals = dist.all_reduce_sum(np.array([local_sum, 1.0 if local_nonfinite else 0.0]))
+        skipped = bool(totals[1] > 0)
         if skipped and self.stage == 0:
             self.engine.zero_grad()
         else:
@@ -213,7 +215,6 @@ class TrainEngine:
             skipped = skipped or not self.engine.was_step_applied()
         if skipped:
             self.skipped_steps += 1
-        totals = dist.all_reduce_sum(np.array([local_sum]))
         grad_norm = None if skipped else _as_float(self.engine.get_global_grad_norm())
         loss = float("nan") if skipped else float(totals[0] / max(global_tokens, 1.0))
         return StepResult(loss=loss, loss_tokens=int(global_tokens), grad_norm=grad_norm, lr=lr, skipped=skipped)

@@ -127,3 +127,9 @@ def test_changed_data_is_refused_naming_the_domain() -> None:
     assert "'law'" not in str(error.value)
     with pytest.raises(UserError, match=r"domain 'math' is new; domain 'code' was removed"):
         checkpoint.check_data_unchanged(state, ["law", "math"], ["aa", "cc"], where="c")
+
+
+def test_another_world_size_is_refused() -> None:
+    checkpoint.check_world_size({"world_size": 2}, 2, where="c")
+    with pytest.raises(UserError, match="written by 2 ranks, this run has 4; resume with 2 ranks"):
+        checkpoint.check_world_size({"world_size": 2}, 4, where="c")

@@ -4,15 +4,27 @@ Layout under `<run_dir>/checkpoints/`:
 
     step_00000100/            DeepSpeed's files (model, optimizer and LR-schedule shards of every rank)
         rng_rank<r>.json      each rank's RNG states (python, numpy, torch, cuda), JSON
-        versatune_state.json  our state (step, sampler, schedule, policy, config + hash, data fingerprints);
-                              written by rank 0 after every rank has saved: its presence = complete
+        versatune_state.json  our state (step, sampler, schedule, policy, config + hash, data fingerprints,
+                              and the size of every file above); written by rank 0 after every rank has
+                              saved: its presence = complete
     latest                    the tag of the newest complete checkpoint, replaced via temp + rename
+
+Our own state is JSON, never pickle. DeepSpeed's files are torch pickles that DeepSpeed 0.19 loads with
+`torch.load(weights_only=False)` (any object, i.e. any code); `weights_only_loading()` makes every
+`torch.load` inside DeepSpeed's loading run with `weights_only=True`, allowing only the few DeepSpeed
+types its files hold, so a doctored checkpoint is refused instead of executed.
 
 Order of a save (all ranks): rank 0 clears a stale half-written folder of the same tag -> barrier ->
 DeepSpeed save + RNG file on every rank -> barrier -> rank 0 writes versatune_state.json, then
 `latest`, then deletes checkpoints beyond `keep_last` (older ones only, so a newer complete checkpoint
 always exists before an older one goes) -> barrier. A kill at any point leaves the previous `latest`
-valid. `find_latest` also falls back to the newest complete folder when `latest` is missing or stale.
+valid. A write that fails on any rank (disk full, quota, I/O error) is caught, the ranks agree on it,
+the half-written folder is removed and every rank raises one clear error naming the file; `latest` and
+the older checkpoints are untouched.
+
+`find_latest` returns the newest complete checkpoint whose files are all there with the sizes recorded
+at save time: a folder without the state file (killed while saving), a truncated or missing shard,
+or a missing / dangling `latest` is reported by name and the previous complete checkpoint is used.
 
 Resume checks, before any model is loaded: a changed config (keys that change results, see
 config.HASH_EXCLUDED_KEYS) is refused listing the changed keys unless allowed; a changed data set is
@@ -28,8 +40,9 @@ import os
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +61,14 @@ LATEST_FILE = "latest"
 STATE_FILE = "versatune_state.json"
 STATE_VERSION = 1
 _TAG = re.compile(r"^step_(\d+)$")
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")
+# The only non-tensor types DeepSpeed 0.19 pickles into its checkpoint files (ZeRO 0-3, fp32/bf16/fp16).
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 
 def tag_for_step(step: int) -> str:
@@ -106,7 +127,10 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
 def save_checkpoint(
     engine: TrainEngine, run_dir: str | os.PathLike[str], *, step: int, state: Mapping[str, Any], keep_last: int, env: dist.DistEnv
 ) -> Path:
-    """Save a complete checkpoint for `step` (call on ALL ranks); returns its folder."""
+    """Save a complete checkpoint for `step` (call on ALL ranks); returns its folder.
+
+    A failed write on any rank raises `UserError` on every rank, after the half-written folder is gone.
+    """
     root = checkpoints_root(run_dir)
     tag = tag_for_step(step)
     folder = root / tag
@@ -115,18 +139,116 @@ def save_checkpoint(
         if folder.exists():  # a half-written save of this step from a killed run
             shutil.rmtree(folder)
     dist.barrier()
-    engine.save(str(root), tag, client_state={"versatune_step": step})
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / f"rng_rank{env.rank}.json", json.dumps(capture_rng_state()))
-    dist.barrier()
+    failure: str | None = None
+    files: dict[str, int] = {}
+    with _recording_write_errors(engine) as write_errors:
+        try:
+            engine.save(str(root), tag, client_state={"versatune_step": step})
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / f"rng_rank{env.rank}.json", json.dumps(capture_rng_state()))
+            files = _own_file_sizes(folder, env.rank)
+        except (OSError, RuntimeError) as exc:  # DeepSpeed writes outside its checkpoint engine, our RNG file
+            write_errors.append(f"{folder}: {type(exc).__name__}: {exc}")
+    failure = write_errors[0] if write_errors else None
+    # Every rank learns whether any rank failed, so all stop together (no rank waits in a later collective).
+    reports = dist.all_gather_objects((failure, files))
+    failures = [(rank, text) for rank, (text, _) in enumerate(reports) if text is not None]
+    if failures:
+        if env.is_main:
+            shutil.rmtree(folder, ignore_errors=True)  # incomplete: never resumable, frees the space it took
+        dist.barrier()
+        raise UserError(_save_failure_message(folder, failures, find_latest(root)))
     if env.is_main:
-        document = {"version": STATE_VERSION, "step": step, "tag": tag, "world_size": env.world_size, **state}
+        all_files = {name: size for _, sizes in reports for name, size in sizes.items()}
+        document = {"version": STATE_VERSION, "step": step, "tag": tag, "world_size": env.world_size, **state, "files": all_files}
         write_text_atomic(folder / STATE_FILE, json.dumps(document, indent=1))
         write_text_atomic(root / LATEST_FILE, tag + "\n")
         _rotate(root, keep_last, newest=step)
     dist.barrier()
     logger.info("saved checkpoint %s", folder)
     return folder
+
+
+@contextmanager
+def _recording_write_errors(engine: Any) -> Iterator[list[str]]:
+    """Make DeepSpeed's per-file writes record an error instead of raising it.
+
+    DeepSpeed's save has collectives after the writes (a final barrier): a rank that raised out of a
+    write would leave the others waiting there until the timeout. Recording lets every rank reach the
+    same collectives and then agree on the failure. A partly written file is removed at once.
+    """
+    errors: list[str] = []
+    checkpoint_engine = getattr(getattr(engine, "engine", None), "checkpoint_engine", None)
+    if checkpoint_engine is None or not hasattr(checkpoint_engine, "save"):
+        yield errors
+        return
+    original = checkpoint_engine.save
+
+    def save(state_dict: Any, path: str) -> Any:
+        try:
+            return original(state_dict, path)
+        except (OSError, RuntimeError) as exc:
+            errors.append(f"{path}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+            Path(path).unlink(missing_ok=True)
+            return None
+
+    checkpoint_engine.save = save  # an instance attribute: only this engine, only during this save
+    try:
+        yield errors
+    finally:
+        del checkpoint_engine.save
+
+
+def _save_failure_message(folder: Path, failures: list[tuple[int, str]], previous: Path | None) -> str:
+    try:
+        free = f"{shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    where = "; ".join(f"rank {rank}: {text}" for rank, text in failures)
+    kept = (
+        f"the previous checkpoint {previous} is intact and `--resume auto` continues from it"
+        if previous is not None else "there is no earlier complete checkpoint"
+    )
+    return (
+        f"could not write checkpoint {folder} ({where}); {free}. The incomplete folder was removed and {kept}. "
+        "Free space (or lower checkpoint.keep_last, or point train.run_dir at a larger disk) and run again"
+    )
+
+
+def _own_file_sizes(folder: Path, rank: int) -> dict[str, int]:
+    """Sizes of the files in `folder` this rank wrote (rank r: zero_pp_rank_r_*, rng_rank<r>; rank 0: the rest).
+
+    Each rank reports its own files so a shared file system that is slow to show other nodes' files
+    cannot record a wrong size.
+    """
+    sizes = {}
+    for path in folder.iterdir():
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        match = _RANK_FILE.search(path.name)
+        owner = int(match.group(1)) if match else 0
+        if owner == rank:
+            sizes[path.name] = path.stat().st_size
+    return sizes
+
+
+def damage(folder: str | os.PathLike[str]) -> str | None:
+    """Why a complete-looking checkpoint folder cannot be used (None: its recorded files are all intact)."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{folder / STATE_FILE} is unreadable ({exc})"
+    recorded = state.get("files") if isinstance(state, dict) else None
+    for name, size in sorted((recorded or {}).items()):  # checkpoints written before sizes were recorded: no check
+        path = folder / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{path} is missing"
+        if actual != size:
+            return f"{path} has {actual} bytes, {size} were written (truncated or overwritten)"
+    return None
 
 
 def _tag_step(path: Path) -> int | None:
@@ -144,29 +266,43 @@ def _complete_tags(root: Path) -> list[tuple[int, Path]]:
 
 
 def _rotate(root: Path, keep_last: int, *, newest: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last`, and incomplete ones older than `newest`."""
-    complete = _complete_tags(root)
+    """Delete complete checkpoints beyond the newest `keep_last`, incomplete ones older than `newest`, and
+    checkpoints newer than `newest` (left by a run that was resumed from an earlier checkpoint: an abandoned
+    future that `--resume auto` must not pick up again). `newest` is complete when this runs."""
+    complete = [(step, path) for step, path in _complete_tags(root) if step <= newest]
     doomed = [path for step, path in complete[:-keep_last] if step < newest]
     done = {path for _, path in complete}
-    doomed += [p for p in root.iterdir() if p not in done and (_tag_step(p) or newest) < newest]
+    doomed += [p for p in root.iterdir() if p not in done and _tag_step(p) is not None and _tag_step(p) != newest]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
 
 
 def find_latest(run_dir_or_root: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint folder of a run dir (or of its checkpoints/ folder), or None."""
+    """The newest complete, intact checkpoint folder of a run dir (or of its checkpoints/ folder), or None.
+
+    Normally the one `latest` names. A newer complete folder wins (a kill between its state file and
+    `latest`); a damaged one (see `damage`) or a missing / dangling `latest` is logged by name and the
+    previous complete checkpoint is used.
+    """
     root = Path(run_dir_or_root)
     if root.name != CHECKPOINT_DIR and (root / CHECKPOINT_DIR).is_dir():
         root = root / CHECKPOINT_DIR
-    latest = root / LATEST_FILE
-    if latest.is_file():
-        folder = root / latest.read_text(encoding="utf-8").strip()
-        if (folder / STATE_FILE).is_file():
-            complete = _complete_tags(root)
-            # `latest` is written after the state file, so a newer complete folder means a kill in between.
-            return complete[-1][1] if complete and complete[-1][0] > (_tag_step(folder) or -1) else folder
     complete = _complete_tags(root)
-    return complete[-1][1] if complete else None
+    if not complete:
+        return None
+    latest = root / LATEST_FILE
+    pointer = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    if pointer is None:
+        logger.warning("%s is missing; looking for the newest complete checkpoint in %s", latest, root)
+    elif not (root / pointer / STATE_FILE).is_file():
+        logger.warning("%s names %r, which is not a complete checkpoint; looking for the newest complete one", latest, pointer)
+    for _, folder in reversed(complete):
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        logger.warning("checkpoint %s is damaged: %s; using the previous complete checkpoint", folder, problem)
+    logger.warning("no intact checkpoint in %s", root)
+    return None
 
 
 def resolve_resume(run_dir: str | os.PathLike[str], resume: str) -> Path | None:
@@ -177,6 +313,9 @@ def resolve_resume(run_dir: str | os.PathLike[str], resume: str) -> Path | None:
         return find_latest(run_dir)
     path = Path(resume).expanduser()
     if (path / STATE_FILE).is_file():
+        problem = damage(path)
+        if problem is not None:
+            raise UserError(f"--resume {resume}: the checkpoint is damaged: {problem}; give another checkpoint or 'auto'")
         return path
     found = find_latest(path) if path.is_dir() else None
     if found is None:
@@ -199,18 +338,60 @@ def load_checkpoint(engine: TrainEngine, folder: str | os.PathLike[str], env: di
     """Restore DeepSpeed state and this rank's RNG from `folder` (ALL ranks); returns our state dict."""
     folder = Path(folder)
     state = read_state(folder)
-    if int(state.get("world_size", env.world_size)) != env.world_size:
+    check_world_size(state, env.world_size, where=str(folder))
+    try:
+        with weights_only_loading():
+            client = engine.load(str(folder.parent), folder.name)
+    except Exception as exc:  # noqa: BLE001 -- unreadable files surface as OSError, RuntimeError, EOFError, UnpicklingError
+        if dist.is_collective_failure(exc):
+            raise
         raise UserError(
-            f"checkpoint {folder} was written by {state['world_size']} ranks, this run has {env.world_size}; "
-            "resume with the same number of ranks (or export it and start a new run from the exported model)"
-        )
-    client = engine.load(str(folder.parent), folder.name)
+            f"could not load checkpoint {folder}: {type(exc).__name__}: {_first_line(exc)}; resume from an earlier "
+            "checkpoint (--resume <run_dir>/checkpoints/step_N) or start a new train.run_dir"
+        ) from None
     if client.get("versatune_step", state["step"]) != state["step"]:
         raise UserError(f"checkpoint {folder} is inconsistent: DeepSpeed state is for step {client.get('versatune_step')}")
     rng_file = folder / f"rng_rank{env.rank}.json"
     restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
     logger.info("resumed from %s (step %d)", folder, state["step"])
     return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+@contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Inside: every `torch.load` runs with weights_only=True, allowing only DEEPSPEED_SAFE_GLOBALS.
+
+    DeepSpeed's loaders (its checkpoint engine, zero_to_fp32) pass weights_only=False, i.e. unpickle any
+    object; tensors, containers and the listed DeepSpeed types are all its files hold.
+    """
+    import importlib
+
+    import torch
+
+    allowed = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module_name, _, name = dotted.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module_name), name))
+        except (ImportError, AttributeError):
+            continue  # another DeepSpeed version: a file holding it is refused with a clear error
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        torch.load = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,4 +444,14 @@ def check_data_unchanged(state: Mapping[str, Any], names: Sequence[str], fingerp
         raise UserError(
             f"the training data differs from checkpoint {where}: " + "; ".join(problems)
             + ". Restore the original data files (and tokenizer / data settings), or start a new run_dir"
+        )
+
+
+def check_world_size(state: Mapping[str, Any], world_size: int, *, where: str) -> None:
+    """ZeRO shards and the per-rank sample order belong to the number of ranks that saved them."""
+    saved = int(state.get("world_size", world_size))
+    if saved != world_size:
+        raise UserError(
+            f"checkpoint {where} was written by {saved} ranks, this run has {world_size}; resume with {saved} ranks, "
+            "or export the checkpoint (versatune-ds export) and start a new run from the exported model"
         )

@@ -152,7 +152,8 @@ class TrainEngine:
         train = cfg.train
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, total_steps))
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        self.world_size = self.engine.world_size if hasattr(self.engine, "world_size") else dist.DistEnv.from_environ().world_size
+        # DeepSpeed averages gradients over the data-parallel group: the loss scale must use its size.
+        self.world_size = int(self.engine.dp_world_size)
         self.skipped_steps = 0
 
     @property

@@ -77,6 +77,7 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         checkpoint.check_config_unchanged(
             saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
         )
+        checkpoint.check_world_size(saved, env.world_size, where=str(resume_from))
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)  # needs no process group; every rank reads the same cache
     domains = data.domains
@@ -116,10 +117,12 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         policy.load_state_dict(saved["policy"])
         engine.skipped_steps = int(saved.get("skipped_steps", 0))
     trace_path = run_dir / "trace" / f"rank{env.rank}.jsonl"
-    if env.is_main:  # lines written after the checkpoint by a killed run are replayed now
-        truncate_jsonl(run_dir / "metrics.jsonl", step)
+    # Lines a killed run wrote after its checkpoint are replayed now (all lines, on a fresh start).
+    keep_until = step if resume_from is not None else -1
+    if env.is_main:
+        truncate_jsonl(run_dir / "metrics.jsonl", keep_until)
     if cfg.train.trace_samples:
-        truncate_jsonl(trace_path, step)
+        truncate_jsonl(trace_path, keep_until)
     trace = JsonlWriter(trace_path) if cfg.train.trace_samples else None
     metrics = MetricsLogger(
         run_dir, is_main=env.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,

@@ -223,6 +223,23 @@ def _collective_device():  # -> torch.device
     return torch.device("cpu")
 
 
+# Words in the errors torch raises when a peer dies or stops answering (gloo, NCCL, the c10d store).
+_COLLECTIVE_FAILURE_MARKERS = ("gloo", "NCCL", "c10d", "Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True for the error a rank gets when another rank died or hung during a collective (or its timeout)."""
+    try:
+        import torch.distributed as torch_dist
+    except ImportError:
+        return False
+    if isinstance(exc, getattr(torch_dist, "DistError", ())):
+        return True
+    # gloo raises a plain RuntimeError ("...gloo/transport/tcp/pair.cc: Connection reset by peer",
+    # "Timed out waiting 20000ms for send operation to complete").
+    return isinstance(exc, RuntimeError) and _is_initialized() and any(m in str(exc) for m in _COLLECTIVE_FAILURE_MARKERS)
+
+
 def destroy() -> None:
     if _is_initialized():
         import torch.distributed as torch_dist

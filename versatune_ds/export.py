@@ -109,17 +109,25 @@ def export_from_engine(engine: TrainEngine, tokenizer: Any, out_dir: str | os.Pa
 
 
 def consolidate_checkpoint(folder: Path) -> dict:
-    """Full fp32 state dict of a DeepSpeed checkpoint folder (rank 0 only; no process group needed)."""
+    """Full fp32 state dict of a DeepSpeed checkpoint folder (rank 0 only; no process group needed).
+
+    DeepSpeed's files are read with torch.load(weights_only=True) (checkpoint.weights_only_loading):
+    a checkpoint from elsewhere cannot run code when it is exported.
+    """
     import torch
+
+    from versatune_ds.checkpoint import weights_only_loading
 
     if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        with weights_only_loading():
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     module_file = folder / "mp_rank_00_model_states.pt"
     if not module_file.is_file():
         raise UserError(f"{folder} holds no DeepSpeed checkpoint files (expected zero_pp_rank_* or mp_rank_00_model_states.pt)")
-    return torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    with weights_only_loading():
+        return torch.load(module_file, map_location="cpu", weights_only=True)["module"]
 
 
 def export_checkpoint(cfg: RunConfig, folder: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:

@@ -78,6 +78,7 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
             saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
         )
         checkpoint.check_world_size(saved, env.world_size, where=str(resume_from))
+    log_data_sources(cfg)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)  # needs no process group; every rank reads the same cache
     domains = data.domains
@@ -226,6 +227,16 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
 # Pieces of the loop
 
 
+def log_data_sources(cfg: RunConfig) -> None:
+    """Say which files (resolved, absolute) each domain trains and evaluates on, before they are read."""
+    for domain in cfg.data.domains:
+        for kind in ("train", "heldout", "raw"):
+            sources = getattr(domain, kind)
+            if sources:
+                resolved = [s if s.startswith("hf:") else str(Path(s).expanduser().resolve()) for s in sources]
+                logger.info("domain %s %s data: %s", domain.name, kind, ", ".join(resolved))
+
+
 def collate(rows: list, pad_token_id: int, packed: bool) -> dict:
     from versatune_ds.packing import collate_rows
 
@@ -324,7 +335,19 @@ def run_command(args: argparse.Namespace) -> int:
     # DeepSpeed calls torch.distributed functions torch has deprecated: one warning per call, per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     cfg = load_config(args.config, args.overrides)
-    summary = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    try:
+        summary = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    except RuntimeError as exc:
+        if not dist.is_collective_failure(exc):
+            raise
+        # A dead or hung rank: the survivors' collectives fail (at once, or after dist.timeout_s). One clear
+        # message instead of a DeepSpeed traceback; the process then exits instead of waiting.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"lost contact with another rank: a collective operation failed ({first}). Another rank has died or "
+            f"stopped answering for dist.timeout_s={cfg.dist.timeout_s} s -- see its log. The last complete "
+            f"checkpoint in {cfg.train.run_dir} is intact: relaunch all ranks with --resume auto to continue"
+        ) from None
     dist.destroy()
     if summary.stopped_on_nonfinite:
         return EXIT_STOPPED_NONFINITE

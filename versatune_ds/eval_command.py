@@ -158,10 +158,13 @@ def load_forward(cfg: RunConfig, source: ModelSource, env: dist.DistEnv, dtype_n
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     if source.checkpoint_dir:
-        engine.load_checkpoint(
-            source.checkpoint_dir, tag=source.checkpoint_tag, load_module_only=True,
-            load_optimizer_states=False, load_lr_scheduler_states=False,
-        )
+        from versatune_ds.checkpoint import weights_only_loading
+
+        with weights_only_loading():  # DeepSpeed itself would unpickle with weights_only=False
+            engine.load_checkpoint(
+                source.checkpoint_dir, tag=source.checkpoint_tag, load_module_only=True,
+                load_optimizer_states=False, load_lr_scheduler_states=False,
+            )
     engine.module.eval()
     return hf_forward(engine.module, engine.device), (engine, keep)
 

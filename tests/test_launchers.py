@@ -5,8 +5,9 @@ first on PATH: the fake srun spawns the tasks on this machine with the SLURM_* v
 sets, so what is tested is the script's own logic (hosts, ports, env, the command it builds). The
 real-cluster versions of these runs are in test_slurm.py.
 
-Two families: `standin` runs each launcher against a stand-in `versatune_ds` package (proves the
-launcher alone, seconds each); `trains` runs the real `versatune_ds train` on the tiny model.
+`test_launcher_trains` runs the real `versatune_ds train` on the tiny model. The GPU test runs the
+launchers against a stand-in `versatune_ds` (tests/slurm_cluster.py) with NCCL, one rank per GPU:
+it checks the launchers' GPU path where the real trainer's dependencies may be missing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_helpers import write_run_config
 from slurm_cluster import free_port, write_standin_package
 
 pytestmark = pytest.mark.dist
@@ -113,8 +115,10 @@ def make_fake_slurm_bin(directory: Path) -> Path:
 def launcher_env(name: str, tmp_path: Path, repo_dir: Path, config: Path, run_dir: Path) -> dict[str, str]:
     """The environment a user (or sbatch + Slurm, for the .sbatch files) would give `name`."""
     fake_bin = make_fake_slurm_bin(tmp_path / "fake_bin")
+    # nothing of an outer launcher (a CI job under Slurm or torchrun) may leak into the ranks
+    outer = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_", "OMP_NUM_THREADS")
     env = {
-        **os.environ,
+        **{key: value for key, value in os.environ.items() if not key.startswith(outer)},
         "PATH": f"{fake_bin}:{VENV_BIN}:{os.environ['PATH']}",
         "PYTHON": sys.executable,
         "REPO_DIR": str(repo_dir),
@@ -164,40 +168,23 @@ def assert_complete_run(done: subprocess.CompletedProcess[str], run_dir: Path) -
 
 
 @pytest.mark.parametrize("name", ALL_LAUNCHERS)
-def test_launcher_standin(name: str, tmp_path: Path) -> None:
-    """The launcher starts 2 ranks that find each other (stand-in trainer: a gloo all_reduce per step)."""
-    repo_dir = write_standin_package(tmp_path / "standin")
+def test_launcher_trains(name: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The launcher runs the real `versatune_ds train` (ZeRO-3, 2 CPU ranks): loss rows, checkpoint, final/ export."""
     run_dir = tmp_path / "run"
-    env = launcher_env(name, tmp_path, repo_dir, tmp_path / "unused.yaml", run_dir)
-    done = run_launcher(name, env, repo_dir, ["train.max_steps=3", "dist.timeout_s=60"])
-    losses = assert_complete_run(done, run_dir)
-    assert [row["step"] for row in losses] == [1, 2, 3]
-    start = read_metrics(run_dir)[0]
-    assert start["world_size"] == 2
-    if name.startswith("slurm"):
-        # one srun step: 2 rank tasks, or for multi-node one torchrun agent per node (2 nodes x 1)
-        calls = [json.loads(line) for line in (tmp_path / "srun_calls.jsonl").read_text().splitlines()]
-        assert [(call["num_tasks"], call["num_nodes"]) for call in calls] == [SRUN_LAYOUT[name]]
-
-
-@pytest.fixture(scope="module")
-def tiny_run_kit(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    import kit  # tests/kit.py (the tiny model and run config shared by the end-to-end tests)
-
-    model_dir = kit.make_tiny_model_dir(tmp_path_factory.mktemp("launch_model"))
-    return kit, model_dir
-
-
-@pytest.mark.parametrize("name", ALL_LAUNCHERS)
-def test_launcher_trains(name: str, tmp_path: Path, tiny_run_kit: tuple[object, Path]) -> None:
-    """The launcher runs the real `versatune_ds train` on 2 CPU ranks: loss rows, checkpoint, final/ export."""
-    kit, model_dir = tiny_run_kit
-    run_dir = tmp_path / "run"
-    config = kit.write_tiny_run_config(tmp_path / "run.yaml", model_dir=model_dir, run_dir=run_dir)
+    config = write_run_config(tmp_path / "cfg", tiny_model_dir, run_dir)
     env = launcher_env(name, tmp_path, REPO, config, run_dir)
-    done = run_launcher(name, env, REPO, ["train.max_steps=4", "dist.timeout_s=120"])
+    done = run_launcher(name, env, REPO, ["train.max_steps=4", "checkpoint.every=2", "dist.timeout_s=120"])
     losses = assert_complete_run(done, run_dir)
     assert max(row["step"] for row in losses) == 4
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    assert_srun_layout(name, tmp_path)
+
+
+def assert_srun_layout(name: str, tmp_path: Path) -> None:
+    """A Slurm launcher made one srun step: 2 rank tasks, or for multi-node one torchrun agent per node."""
+    if name in SRUN_LAYOUT:
+        calls = [json.loads(line) for line in (tmp_path / "srun_calls.jsonl").read_text().splitlines()]
+        assert [(call["num_tasks"], call["num_nodes"]) for call in calls] == [SRUN_LAYOUT[name]]
 
 
 def visible_gpu_count() -> int:

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when the cached content or its meaning changes
+# The data.* settings that change the cached tokens (besides the files, the tokenizer, the template and the format).
+_TOKEN_SETTINGS = ("seq_len", "truncation", "on_bad_row", "heldout_fraction", "heldout_max_examples", "max_examples_per_domain")
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ def _load_domain(
         "format": domain.format,
         "tokenizer": tok_hash,
         "template": template,
-        **{k: getattr(cfg.data, k) for k in ("seq_len", "truncation", "on_bad_row", "heldout_fraction", "heldout_max_examples", "max_examples_per_domain")},
+        **{k: getattr(cfg.data, k) for k in _TOKEN_SETTINGS},
     }
     content_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     cache_file = Path(os.path.expanduser(cfg.data.cache_dir)) / "tokenized" / f"{content_key[:32]}.npz"
@@ -317,7 +319,9 @@ def _tokenize_domain(
                 len(records), cfg.data.heldout_fraction, cfg.data.heldout_max_examples, split_seed
             )
         except ValueError as exc:
-            raise UserError(f"{key}: domain {domain.name!r} has no held-out data: {exc}; add rows or give {key}.heldout files") from None
+            raise UserError(
+                f"{key}: domain {domain.name!r} has no held-out data: {exc}; add rows or give {key}.heldout files"
+            ) from None
         heldout_records = [records[i] for i in heldout_index]
         records = [records[i] for i in train_index]
     if cfg.data.max_examples_per_domain is not None:
@@ -325,18 +329,31 @@ def _tokenize_domain(
     train = tokenize_records(records, tokenizer, cfg, template, skipped, tag=f"{domain.name} train")
     heldout = tokenize_records(heldout_records, tokenizer, cfg, template, skipped, tag=f"{domain.name} held-out")
     if train.lengths.size == 0:
-        raise UserError(f"{key}: domain {domain.name!r} has no training examples left after data.truncation={cfg.data.truncation}; raise data.seq_len")
+        raise UserError(
+            f"{key}: domain {domain.name!r} has no training examples left after "
+            f"data.truncation={cfg.data.truncation}; raise data.seq_len"
+        )
     if heldout.lengths.size == 0:
         where = f"{key}.heldout" if heldout_files else key
-        raise UserError(f"{where}: domain {domain.name!r} has no held-out data; add rows to its held-out files or remove {key}.heldout to split from train")
+        raise UserError(
+            f"{where}: domain {domain.name!r} has no held-out data; add rows to its held-out files "
+            f"or remove {key}.heldout to split from train"
+        )
     return train, heldout, skipped
+
+
+_ARRAYS = ("input_ids", "labels", "lengths")  # the fields of Tokenized, as stored in the cache file
 
 
 def _write_cache(path: Path, train: Tokenized, heldout: Tokenized, skipped: dict[str, int]) -> None:
     """Write to a unique temporary name and rename: readers see either no file or a whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    arrays = {f"{split}_{name}": getattr(t, name).astype(np.int32) for split, t in (("train", train), ("heldout", heldout)) for name in ("input_ids", "labels", "lengths")}
+    arrays = {
+        f"{split}_{name}": getattr(t, name).astype(np.int32)
+        for split, t in (("train", train), ("heldout", heldout))
+        for name in _ARRAYS
+    }
     np.savez(buffer, meta=np.array(json.dumps({"version": CACHE_VERSION, "skipped": skipped})), **arrays)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     with open(temporary, "wb") as handle:
@@ -352,7 +369,7 @@ def _read_cache(path: Path) -> tuple[Tokenized, Tokenized, dict[str, int]] | Non
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            splits = [Tokenized(*(data[f"{split}_{name}"].astype(np.int64) for name in ("input_ids", "labels", "lengths"))) for split in ("train", "heldout")]
+            splits = [Tokenized(*(data[f"{split}_{name}"].astype(np.int64) for name in _ARRAYS)) for split in ("train", "heldout")]
     except (OSError, ValueError, KeyError) as exc:
         logger.warning("ignoring the unreadable data cache file %s (%s); tokenizing again", path, exc)
         return None
@@ -369,7 +386,8 @@ def tokenize_sft_file(path: str, tokenizer: Any, cfg: RunConfig, domain_id: int,
     """Tokenized examples of any SFT file / folder / hf: source (for `eval`), with the run's template and policies."""
     skipped: dict[str, int] = {}
     records = read_records(expand_source(path, "path"), fmt, cfg.data.on_bad_row, "path", skipped)
-    tokenized = tokenize_records(records, tokenizer, cfg, _resolve_template(tokenizer, cfg.data.template), skipped, tag=Path(path).name)
+    template = _resolve_template(tokenizer, cfg.data.template)
+    tokenized = tokenize_records(records, tokenizer, cfg, template, skipped, tag=Path(path).name)
     _warn_skipped(skipped, f"#{domain_id}")
     if tokenized.lengths.size == 0:
         raise UserError(f"{path}: no usable examples ({sum(skipped.values())} skipped)")

@@ -134,7 +134,10 @@ def load_forward(cfg: RunConfig, source: ModelSource, env: dist.DistEnv, dtype_n
         if source.checkpoint_dir:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(source.checkpoint_dir, tag=source.checkpoint_tag)
+            from versatune_ds.checkpoint import weights_only_loading
+
+            with weights_only_loading():  # zero_to_fp32 itself would unpickle with weights_only=False
+                state = get_fp32_state_dict_from_zero_checkpoint(source.checkpoint_dir, tag=source.checkpoint_tag)
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if "lm_head" not in k]:
                 raise UserError(f"checkpoint {source.checkpoint_tag}: does not match {source.path} (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -181,3 +181,37 @@ def test_run_probe_with_llm_judge(tiny_model_dir, tmp_path):
     assert not (tmp_path / "probe" / probe.CLASSIFIER_REPORT_FILE).exists()  # no TF-IDF classifier trained
     with pytest.raises(UserError, match="judge_model"):
         probe.run_probe(_cfg(tiny_model_dir, "classifier.kind=llm_judge"), SINGLE, run_dir=tmp_path)
+
+
+def test_adjusted_distribution_undoes_a_known_confusion():
+    confusion = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.3, 0.6]])
+    truth = np.array([0.6, 0.3, 0.1])
+    counts = (truth * 1000).astype(int)
+    probs = np.concatenate([np.tile(confusion[d], (counts[d], 1)) for d in range(3)])
+    plain = probs.mean(axis=0)
+    assert np.abs(plain - truth).sum() > 0.09  # the plain mean is pulled toward uniform
+    estimate = probe.adjusted_distribution(probs, confusion, num_bootstrap=200, seed=0)
+    np.testing.assert_allclose(estimate.p, truth, atol=1e-9)
+    assert estimate.mode == "adjusted" and estimate.num_texts == 1000
+    assert all(lo <= p <= hi for lo, p, hi in zip(estimate.ci_low, estimate.p, estimate.ci_high))
+    # A measured mean outside the confusion's cone is projected: still a distribution, no negative share.
+    odd = probe.adjusted_distribution(np.tile([0.0, 0.0, 1.0], (10, 1)), confusion, num_bootstrap=0, seed=0)
+    assert min(odd.p) >= 0 and sum(odd.p) == pytest.approx(1.0)
+
+
+def test_mean_probability_confusion_rows():
+    probs = np.array([[0.9, 0.1, 0.0], [0.7, 0.3, 0.0], [0.2, 0.8, 0.0]])
+    matrix = probe.mean_probability_confusion(probs, np.array([0, 0, 1]), 3)
+    np.testing.assert_allclose(matrix, [[0.8, 0.2, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0]])
+
+
+def test_run_probe_adjusted_estimator(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, "classifier.estimator=adjusted")
+    result = probe.run_probe(cfg, SINGLE, run_dir=tmp_path)
+    document = json.loads((tmp_path / "probe" / probe.DISTRIBUTION_FILE).read_text())
+    assert document["estimator"] == "adjusted" and sum(document["p"]) == pytest.approx(1.0)
+    report = json.loads((tmp_path / "probe" / probe.CLASSIFIER_REPORT_FILE).read_text())
+    assert np.asarray(report["mean_probability_confusion"]).shape == (6, 6)
+    assert np.all(result.p >= 0)
+    with pytest.raises(UserError, match="adjusted"):
+        probe.run_probe(_cfg(tiny_model_dir, "classifier.estimator=adjusted", "classifier.kind=llm_judge"), SINGLE, run_dir=tmp_path)

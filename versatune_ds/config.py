@@ -164,7 +164,9 @@ class ClassifierConfig:
     kind: str = "tfidf"  # tfidf | llm_judge
     path: str | None = None  # a saved classifier to reuse
     judge_model: str | None = None
-    estimator: str = "mean"  # mean (of per-text probabilities) | hard (label counts)
+    # mean (of per-text probabilities) | hard (label counts) | adjusted (mean, corrected by the TF-IDF classifier's
+    # held-out mean-probability confusion: "adjusted classify and count"; see probe.adjusted_distribution)
+    estimator: str = "mean"
     num_bootstrap: int = 1000
 
 
@@ -225,7 +227,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "dist.backend": ("auto", "nccl", "gloo"),
     "probe.mode": ("replica", "zero3"),
     "classifier.kind": ("tfidf", "llm_judge"),
-    "classifier.estimator": ("mean", "hard"),
+    "classifier.estimator": ("mean", "hard", "adjusted"),
     "export.dtype": ("auto", "bf16", "fp16", "fp32"),
 }
 FORMATS: tuple[str, ...] = ("auto", "alpaca", "sharegpt", "messages")

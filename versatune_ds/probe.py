@@ -61,32 +61,79 @@ class ProbeResult:
     distribution_path: Path
 
 
-def train_probe_classifier(cfg: RunConfig, domains: Domains, probe_dir: Path) -> Any:
-    """Rank 0: the TF-IDF classifier (loaded from classifier.path, or trained on data.domain_texts with a
-    fixed-seed per-domain hold-out whose accuracy and confusion go to classifier_report.json)."""
+def train_probe_classifier(cfg: RunConfig, domains: Domains, probe_dir: Path) -> tuple[Any, np.ndarray | None]:
+    """Rank 0: the TF-IDF classifier and its held-out mean-probability confusion M (M[i, j] = mean P(j) over
+    held-out texts of domain i). Trained on data.domain_texts minus a fixed-seed per-domain hold-out whose
+    accuracy, confusion and M go to classifier_report.json; or loaded from classifier.path (M then only for
+    the adjusted estimator, measured on the same hold-out, which that classifier may have trained on)."""
     from versatune_ds.classify import TfidfDomainClassifier, evaluate_classifier, train_tfidf_classifier
-
-    if cfg.classifier.path:
-        return TfidfDomainClassifier.load(cfg.classifier.path, domain_names=domains.names)
     from versatune_ds.data import domain_texts
 
+    adjusted = cfg.classifier.estimator == "adjusted"
+    if cfg.classifier.path and not adjusted:
+        return TfidfDomainClassifier.load(cfg.classifier.path, domain_names=domains.names), None
     texts, labels = domain_texts(cfg)
     train_ids, test_ids = heldout_split(np.asarray(labels), HELDOUT_FRACTION, cfg.train.seed)
+    test_texts, test_labels = [texts[i] for i in test_ids], np.asarray([labels[i] for i in test_ids], dtype=np.int64)
+    if cfg.classifier.path:
+        logger.warning("classifier.estimator=adjusted with a saved classifier: its confusion is measured on a "
+                       "hold-out it may have trained on, so the correction may be too weak")
+        classifier = TfidfDomainClassifier.load(cfg.classifier.path, domain_names=domains.names)
+        return classifier, mean_probability_confusion(classifier.predict_proba(test_texts), test_labels, len(domains))
     classifier = train_tfidf_classifier(
         [texts[i] for i in train_ids], [labels[i] for i in train_ids], len(domains), seed=cfg.train.seed,
         domain_names=domains.names,
     )
     classifier.save(probe_dir / CLASSIFIER_DIR)
-    report = evaluate_classifier(classifier, [texts[i] for i in test_ids], [labels[i] for i in test_ids])
+    report = evaluate_classifier(classifier, test_texts, test_labels)
+    confusion_mean = mean_probability_confusion(classifier.predict_proba(test_texts), test_labels, len(domains))
     write_json_atomic(probe_dir / CLASSIFIER_REPORT_FILE, {
         "domains": list(domains.names), "accuracy": report.accuracy, "confusion": report.confusion,
+        "mean_probability_confusion": confusion_mean.tolist(),
         "precision": list(report.precision), "recall": list(report.recall), "num_test_texts": report.num_examples,
         "num_train_texts": len(train_ids), "heldout_fraction": HELDOUT_FRACTION, "seed": cfg.train.seed,
         "note": "held out from the classifier's own training texts (train + raw sources); generations of a base "
                 "model are another style of text, where accuracy is usually lower",
     })
     logger.info("probe classifier: held-out accuracy %.3f on %d texts", report.accuracy, report.num_examples)
-    return classifier
+    return classifier, confusion_mean
+
+
+def mean_probability_confusion(probs: np.ndarray, labels: np.ndarray, num_domains: int) -> np.ndarray:
+    """M[i, j] = mean predicted probability of domain j over texts of domain i (identity row where i has none)."""
+    matrix = np.eye(num_domains)
+    for domain_id in range(num_domains):
+        rows = probs[labels == domain_id]
+        if len(rows):
+            matrix[domain_id] = rows.mean(axis=0)
+    return matrix
+
+
+def adjusted_distribution(probs: np.ndarray, confusion_mean: np.ndarray, *, num_bootstrap: int, seed: int,
+                          confidence: float = 0.95) -> Any:
+    """"Adjusted classify and count" (Forman 2008, for probabilities): the measured mean q = M^T p, so solve
+    for p >= 0 by NNLS and renormalise. It undoes the classifier's systematic spread of probability mass (a
+    text of domain i gets some mass on every j), which pulls the plain mean toward uniform. The CI comes from
+    the same percentile bootstrap over texts as classify.estimate_distribution, solving once per resample."""
+    from scipy.optimize import nnls
+
+    from versatune_ds.classify import DistributionEstimate
+
+    def solve(measured: np.ndarray) -> np.ndarray:
+        solution, _ = nnls(confusion_mean.T, measured)
+        return solution / solution.sum() if solution.sum() > 0 else measured
+
+    num_texts = probs.shape[0]
+    p = solve(probs.mean(axis=0))
+    low, high = p, p
+    if num_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        counts = rng.multinomial(num_texts, np.full(num_texts, 1.0 / num_texts), size=num_bootstrap)
+        stats = np.stack([solve(row) for row in counts @ probs / num_texts])
+        tail = (1.0 - confidence) / 2.0
+        low, high = np.quantile(stats, [tail, 1.0 - tail], axis=0)
+    return DistributionEstimate(p=tuple(map(float, p)), ci_low=tuple(map(float, low)), ci_high=tuple(map(float, high)),
+                                num_texts=num_texts, mode="adjusted", confidence=confidence)
 
 
 def heldout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -162,6 +209,8 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     from versatune_ds.classify import estimate_distribution
     from versatune_ds.data import load_tokenizer
 
+    if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind != "tfidf":
+        raise UserError("classifier.estimator=adjusted needs classifier.kind=tfidf (its held-out confusion); use mean or hard")
     domains = Domains(cfg.domain_names)
     probe_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir) / PROBE_DIR
     zero3 = cfg.probe.mode == "zero3"
@@ -173,14 +222,21 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     del model, keep
     gc.collect()  # a DeepSpeed engine holds reference cycles: free the probe model before training loads its own
     texts = [g["text"] for g in generations] if env.is_main else None
+    confusion_mean = probs = None
     if cfg.classifier.kind == "llm_judge":
         probs = judge_probabilities(cfg, env, domains, texts, zero3=zero3)
-    else:
-        probs = train_probe_classifier(cfg, domains, probe_dir).predict_proba(texts) if env.is_main else None
+    elif env.is_main:
+        classifier, confusion_mean = train_probe_classifier(cfg, domains, probe_dir)
+        probs = classifier.predict_proba(texts)
     payload = None
     if env.is_main:
         assert probs is not None and texts is not None
-        estimate = estimate_distribution(probs, mode=cfg.classifier.estimator, num_bootstrap=cfg.classifier.num_bootstrap, seed=cfg.train.seed)
+        bootstrap, seed = cfg.classifier.num_bootstrap, cfg.train.seed
+        if cfg.classifier.estimator == "adjusted":
+            assert confusion_mean is not None
+            estimate = adjusted_distribution(probs, confusion_mean, num_bootstrap=bootstrap, seed=seed)
+        else:
+            estimate = estimate_distribution(probs, mode=cfg.classifier.estimator, num_bootstrap=bootstrap, seed=seed)
         start = start_token(tokenizer)
         write_distribution(probe_dir, domains, estimate, {
             "start_token": start.text, "start_token_kind": start.kind, "classifier": cfg.classifier.kind,

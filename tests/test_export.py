@@ -28,12 +28,31 @@ def test_export_command_refuses_a_folder_without_a_run(tmp_path: Path, capsys: p
     assert "config.yaml not found" in capsys.readouterr().err
 
 
+def _tied_model(tiny_model_dir: Path, out: Path) -> Path:
+    """The tiny model with tied input/output embeddings (like SmolLM2): export must keep them tied."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 @pytest.mark.dist
-def test_export_from_engine_and_from_checkpoint_reload_with_the_engines_logits(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("variant", ["two_ranks", "one_rank_tied"])
+def test_export_from_engine_and_from_checkpoint_reload_with_the_engines_logits(
+    variant: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    result = launch(["export", str(tiny_model_dir), str(tmp_path)], script=str(THIS_FILE))
+    if variant == "one_rank_tied":
+        tiny_model_dir = _tied_model(tiny_model_dir, tmp_path / "tied_model")
+    launcher = "torchrun" if variant == "two_ranks" else "single"
+    result = launch(["export", str(tiny_model_dir), str(tmp_path)], script=str(THIS_FILE), launcher=launcher)
     assert result.returncode == 0, result.stdout[-6000:]
     engine_logits = np.load(tmp_path / "engine_logits.npy")
     ids = torch.as_tensor(np.load(tmp_path / "ids.npy"))

@@ -215,3 +215,16 @@ def test_run_probe_adjusted_estimator(tiny_model_dir, tmp_path):
     assert np.all(result.p >= 0)
     with pytest.raises(UserError, match="adjusted"):
         probe.run_probe(_cfg(tiny_model_dir, "classifier.estimator=adjusted", "classifier.kind=llm_judge"), SINGLE, run_dir=tmp_path)
+
+
+def test_probe_command(tiny_model_dir, tmp_path, capsys):
+    from versatune_ds.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model:\n  path: {tiny_model_dir}\ndata:\n  dir: {SAMPLE}\ntrain:\n  run_dir: {tmp_path / 'run'}\n")
+    overrides = ["probe.num_samples=4", "probe.max_new_tokens=4", "classifier.num_bootstrap=10"]
+    assert main(["probe", "--config", str(config), *overrides]) == 0
+    assert (tmp_path / "run" / "probe" / probe.DISTRIBUTION_FILE).is_file()
+    out = capsys.readouterr().out
+    assert "knowledge distribution" in out and "medicine" in out
+    assert main(["probe", "--config", str(config), "probe.num_samples=0"]) == 2  # a config error, not a traceback

@@ -113,10 +113,13 @@ def wait_completed(cluster: SlurmCluster, job_id: int) -> dict[str, str]:
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a last line still being written (or cut by a kill) is left out."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def losses_by_step(rows: list[dict]) -> dict[int, float]:

@@ -124,7 +124,8 @@ def init_distributed(env: DistEnv, *, backend: str = "auto", timeout_s: int = 18
 
     backend = resolve_backend(backend)
     if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+        # Modulo: under `srun --gpus-per-task=1` each task sees one device, whatever its local rank.
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     else:
         # The shared-memory comm op is JIT-compiled on first use (30-60 s) and gives identical results.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -243,10 +243,22 @@ def _worker_engine_checks(model_dir: str, out_dir: str) -> None:
     from versatune_ds.engine import TrainEngine, load_model, start_process_group
     from versatune_ds.export import gather_state_dict
 
+    from transformers import AutoModelForCausalLM
+
+    from versatune_ds.engine import EvalEngine
+    from versatune_ds.evaluate import row_loss_sums
+
     env = dist.DistEnv.from_environ()
     start_process_group(env, backend="gloo", timeout_s=60)
     _check_broadcast(env, Path(out_dir))
     batches = _fixed_batches(env.rank, 4)
+    # Replica losses first: while a ZeRO-3 model is alive, transformers would partition this one too.
+    replica = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        probe = batches[0][0]
+        logits = replica(input_ids=probe["input_ids"], position_ids=probe["position_ids"], use_cache=False).logits
+    replica_sums, replica_counts = row_loss_sums(logits, probe["labels"])
+    del replica
     poison = {"on": False}
 
     def hook(_module, _inputs, output):
@@ -275,6 +287,12 @@ def _worker_engine_checks(model_dir: str, out_dir: str) -> None:
         Path(out_dir, f"stage{stage}_rank{env.rank}.json").write_text(json.dumps(record))
         del engine, snapshots
         gc.collect()
+    # A reference model under ZeRO-3 without an optimizer (mixture.reference_model) scores like a plain replica.
+    reference = EvalEngine(cfg, ds_config, model_dir)
+    sums, counts = reference.forward_loss_sums(probe)
+    record = {"eval_sums": sums.tolist(), "replica_sums": replica_sums.double().tolist(),
+              "eval_counts": counts.tolist(), "replica_counts": replica_counts.tolist()}
+    Path(out_dir, f"eval_engine_rank{env.rank}.json").write_text(json.dumps(record))
     dist.destroy()
 
 

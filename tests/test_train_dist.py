@@ -172,3 +172,10 @@ def test_weight_broadcast_gives_identical_schedules_and_intended_proportions(eng
         counts = np.bincount(np.array(rows[start : start + 32])[:, 0], minlength=4)
         expected = largest_remainder_counts(records[0]["weights"], 32)
         assert np.abs(counts - expected).max() <= 1 and counts.sum() == 32
+
+
+def test_eval_engine_under_zero3_scores_like_a_replica(engine_checks: Path) -> None:
+    for rank in (0, 1):
+        record = json.loads((engine_checks / f"eval_engine_rank{rank}.json").read_text())
+        assert record["eval_counts"] == record["replica_counts"] and sum(record["eval_counts"]) > 0
+        np.testing.assert_allclose(record["eval_sums"], record["replica_sums"], rtol=1e-5)

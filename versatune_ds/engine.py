@@ -71,6 +71,12 @@ def load_model(cfg: RunConfig, ds_config: dict | None, *, dtype: torch.dtype | N
 
     dtype = dtype if dtype is not None else torch_dtype(cfg.model.dtype)
     keeper = HfDeepSpeedConfig(ds_config) if ds_config is not None and zero_stage(ds_config) == 3 else None
+    if keeper is None:
+        # A ZeRO-3 model loaded earlier in this process (a probe, a reference) would otherwise make
+        # transformers partition this one too: its HfDeepSpeedConfig is a process-wide weak reference.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "trust_remote_code": cfg.model.trust_remote_code,

@@ -17,14 +17,9 @@ Decisions are made once: rank 0 computes the update and `dist.broadcast_array` s
 so all ranks hold bit-identical weights (DESIGN.md §4). The payload carries a leading flag so "no
 change" (None) is also decided by rank 0 alone.
 
-Reference losses ℓ_ref (needed for γ), first match wins:
-1. `reference_losses` passed in (already computed by the caller);
-2. `mixture.reference_losses` in the config;
-3. `mixture.reference_model`, evaluated once on the held-out sets by the caller's `evaluate_model`
-   callable and cached in `<run_dir>/reference_losses.json`;
-4. fallback (a warning says so): the first evaluated loss of the model being trained (the base model
-   when eval.at_start) times `mixture.reference_fallback_factor`, i.e. "assume a specialist would
-   reach factor × the base loss".
+Reference losses ℓ_ref (for γ) come from versatune_ds.reference_losses: given, mixture.reference_losses,
+mixture.reference_model (evaluated once, cached), or -- with a warning -- the first evaluated loss times
+mixture.reference_fallback_factor.
 
 Loss guards: a missing / zero / non-finite reference loss is refused when it is set, naming the
 domain. A non-finite or non-positive held-out loss during training does not stop the run: that
@@ -46,6 +41,7 @@ import numpy as np
 from versatune_ds import dist, mixture
 from versatune_ds.domains import Domains
 from versatune_ds.errors import UserError
+from versatune_ds.reference_losses import first_bad_domain, resolve_reference_losses
 
 if TYPE_CHECKING:
     from versatune_ds.config import RunConfig
@@ -54,7 +50,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIXTURE_FILE = "mixture.json"
-REFERENCE_FILE = "reference_losses.json"
 STATE_VERSION = 1
 DYNAMIC_STRATEGIES = ("versatune",)
 
@@ -163,11 +158,11 @@ class MixturePolicy:
 
     def _remember(self, losses: np.ndarray) -> None:
         # φ compares with the previous *valid* evaluation; a broken one is not a baseline.
-        if _bad_domain(losses) is None:
+        if first_bad_domain(losses) is None:
             self.prev_losses = losses.copy()
 
     def _set_fallback_reference(self, losses: np.ndarray) -> None:
-        bad = _bad_domain(losses)
+        bad = first_bad_domain(losses)
         if bad is not None:
             raise UserError(
                 f"the first held-out loss of domain {self.domains.name_of(bad)!r} is {float(losses[bad])!r}; with no "
@@ -185,7 +180,7 @@ class MixturePolicy:
         """Rank 0 only: the new share weights (None = keep) and the mixture.json record."""
         names = self.domains.mapping_from_array
         record: dict[str, Any] = {"step": int(step), "losses": _named_or_raw(self.domains, losses)}
-        bad = _bad_domain(losses)
+        bad = first_bad_domain(losses)
         if bad is not None:
             logger.warning(
                 "step %d: held-out loss of domain %r is %r; skipping this mixture update (weights kept)",
@@ -395,82 +390,8 @@ def _domain_sizes(data: Any, unit: str) -> np.ndarray:
     return np.asarray([float(getattr(d, attribute)) for d in data.per_domain], dtype=np.float64)
 
 
-def resolve_reference_losses(
-    cfg: RunConfig,
-    domains: Domains,
-    data: Any,
-    run_dir: str | os.PathLike[str] | None,
-    env: DistEnv,
-    *,
-    given: np.ndarray | Sequence[float] | None,
-    evaluate_model: Callable[[str], np.ndarray] | None,
-) -> tuple[np.ndarray | None, str]:
-    """ℓ_ref by domain id and where it came from; None = use the fallback at the first evaluation."""
-    m = cfg.mixture
-    if given is not None:
-        return _checked_reference(np.asarray(given, dtype=np.float64), domains, "reference_losses argument"), "given"
-    if m.reference_losses is not None:
-        values = domains.array_from_mapping(m.reference_losses, key="mixture.reference_losses")
-        return _checked_reference(values, domains, "mixture.reference_losses"), "config"
-    if m.reference_model is not None:
-        if evaluate_model is None:
-            raise UserError("mixture.reference_model is set, but this caller cannot evaluate a model; pass evaluate_model")
-        cache = None if run_dir is None else Path(run_dir) / REFERENCE_FILE
-        fingerprints = [str(getattr(d, "fingerprint", "")) for d in data.per_domain]
-        cached = None
-        if env.is_main and cache is not None and cache.is_file():
-            cached = _cached_reference(cache, m.reference_model, domains, fingerprints)
-        cached = dist.broadcast_object(cached)  # every rank must agree whether to run the (collective) evaluation
-        if cached is not None:
-            logger.info("reference losses from %s", cache)
-            values = np.asarray(cached, dtype=np.float64)
-        else:
-            logger.info("evaluating the reference model %s on the held-out sets", m.reference_model)
-            values = np.asarray(evaluate_model(m.reference_model), dtype=np.float64)
-            _checked_reference(values, domains, f"mixture.reference_model ({m.reference_model})")  # never cache bad values
-            if env.is_main and cache is not None:
-                write_json_atomic(cache, {
-                    "model": m.reference_model, "fingerprints": fingerprints, "losses": domains.mapping_from_array(values),
-                })
-        return _checked_reference(values, domains, f"mixture.reference_model ({m.reference_model})"), f"model: {m.reference_model}"
-    logger.warning(
-        "no mixture.reference_losses or mixture.reference_model: γ will use the first evaluated loss x %g "
-        "(mixture.reference_fallback_factor) as the reference", m.reference_fallback_factor,
-    )
-    return None, "fallback"
-
-
-def _cached_reference(path: Path, model: str, domains: Domains, fingerprints: list[str]) -> list[float] | None:
-    document = _read_json(path)
-    losses = document.get("losses")
-    if document.get("model") != model or document.get("fingerprints") != fingerprints or not isinstance(losses, dict):
-        return None  # another model or other held-out data: evaluate again
-    if sorted(losses) != sorted(domains.names):
-        return None
-    return [float(losses[name]) for name in domains.names]
-
-
-def _checked_reference(values: np.ndarray, domains: Domains, where: str) -> np.ndarray:
-    if values.shape != (len(domains),):
-        raise UserError(f"{where}: expected one reference loss per domain ({len(domains)}), got shape {values.shape}")
-    bad = _bad_domain(values)
-    if bad is not None:
-        raise UserError(
-            f"{where}: the reference loss of domain {domains.name_of(bad)!r} is {float(values[bad])!r}; reference "
-            "losses must be finite and > 0 (check that domain's held-out set and the reference model)"
-        )
-    return values
-
-
 # ----------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def _bad_domain(values: np.ndarray) -> int | None:
-    for domain_id, value in enumerate(values):
-        if not math.isfinite(float(value)) or value <= 0:
-            return domain_id
-    return None
 
 
 def _named_or_raw(domains: Domains, values: np.ndarray) -> dict[str, float | None]:

@@ -165,14 +165,16 @@ def markdown(out: dict, name: str) -> str:
     sections = []
     for target in out["targets"]:
         res = out["results"][target]
-        head = "| method | " + " | ".join(f"**{d}**" if d == target else d for d in names) + " | Σ non-target | R vs target_only (of means) | R per seed |\n|---|" + "---|" * (len(names) + 3)
+        head = "| method | " + " | ".join(f"**{d}**" if d == target else d for d in names) + " | target gain | Σ non-target | R vs target_only (of seed means) | R per seed |\n|---|" + "---|" * (len(names) + 4)
         lines = []
         for method in out["methods"]:
             r = res[method]
             cells = " | ".join(f"{r['change_pct_mean'][d]:+.2f} ± {r['change_pct_std'][d]:.2f}" for d in names)
             per_seed = ", ".join(_fmt(x, 1) for x in r["degradation_reduction_pct_per_seed"])
-            lines.append(f"| {method} | {cells} | {r['non_target_sum_pct_mean']:+.2f} ± {r['non_target_sum_pct_std']:.2f} | "
-                         f"{_fmt(r['degradation_reduction_pct_of_means'], 1)} % | {per_seed} |")
+            reduction = r["degradation_reduction_pct_of_means"]
+            lines.append(f"| {method} | {cells} | {r['target_gain_pct_mean']:+.2f} ± {r['target_gain_pct_std']:.2f} | "
+                         f"{r['non_target_sum_pct_mean']:+.2f} ± {r['non_target_sum_pct_std']:.2f} | "
+                         f"{'n/a' if reduction is None else f'{reduction:+.1f} %'} | {per_seed} |")
         shares = " ; ".join(f"{m}: {res[m]['token_share_mean'][target]:.2f}" for m in out["methods"])
         sections.append(f"### target = {target}\n\n{head}\n" + "\n".join(lines)
                         + f"\n\nTarget's share of trained tokens: {shares}.\n")

@@ -145,15 +145,21 @@ def _hf_trainer(cfg, ds_config: dict, rows, collate, steps: int) -> list[float]:
     return ends
 
 
-def run(kind: str, model_dir: str, steps: int, warmup: int, out_dir: Path) -> dict:
+def run(kind: str, model_dir: str, steps: int, warmup: int, out_dir: Path, threads: int) -> dict:
     out_file = out_dir / f"{kind}_{Path(model_dir).name}_{time.monotonic_ns()}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", __file__, "--worker", kind, model_dir, str(out_file), str(steps), str(warmup)]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
     if result.returncode != 0:
         raise SystemExit(f"{kind} on {model_dir} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return json.loads(out_file.read_text())
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
 
 
 def _free_port() -> int:
@@ -170,6 +176,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 40 tiny, 8 smollm2)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed first steps (default: 10 tiny, 2 smollm2)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--note", default="", help="a line added to the Markdown (where and how it ran)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (OMP_NUM_THREADS)")
+    parser.add_argument("--tiny-dir", default=str(REPO / "runs" / "tiny-model"))
+    parser.add_argument("--smollm2-dir", default=str(REPO / "runs" / "smollm2"), help="from bench/get_smollm2.py")
     parser.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -178,9 +188,11 @@ def main() -> int:
         return 0
     out_dir = REPO / "bench" / "out" / "train_throughput"
     out_dir.mkdir(parents=True, exist_ok=True)
-    models = {"tiny": str(REPO / "runs" / "tiny-model"), "smollm2": str(REPO / "runs" / "smollm2")}
+    models = {"tiny": args.tiny_dir, "smollm2": args.smollm2_dir}
     results = {"setup": {"ranks": 2, "backend": "gloo (CPU)", "micro_batch_size": MICRO, "seq_len": SEQ_LEN, "packed": True,
                          "ds_config": "ds_configs/zero3.json", "dtype": "fp32", "cpu_cores": os.cpu_count(),
+                         "threads_per_rank": args.threads, "torch": _version("torch"), "deepspeed": _version("deepspeed"),
+                         "transformers": _version("transformers"),
                          "data": str(SHARED_SFT if SHARED_SFT.is_dir() else REPO / "data" / "sample")}, "models": {}}
     for name in args.models:
         model_dir = models[name]
@@ -192,7 +204,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {"ours": [], "hf": []}
         for repeat in range(args.repeats):
             for kind in (("ours", "hf") if repeat % 2 == 0 else ("hf", "ours")):
-                runs[kind].append(run(kind, model_dir, steps, warmup, out_dir))
+                runs[kind].append(run(kind, model_dir, steps, warmup, out_dir, args.threads))
                 print(f"{name} {kind}: {runs[kind][-1]['tokens_per_s']:.0f} tokens/s ({runs[kind][-1]['s_per_step']:.3f} s/step)", flush=True)
         summary = {kind: {"tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rs),
                           "s_per_step_median": statistics.median(r["s_per_step"] for r in rs),
@@ -203,12 +215,16 @@ def main() -> int:
     results_dir = REPO / "bench" / "results"
     (results_dir / "train_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Training throughput: our ZeRO-3 loop vs HF Trainer (same DeepSpeed config, model, data, batch)", "",
-             f"2 ranks, gloo on {os.cpu_count()} CPU cores, micro-batch {MICRO} x {SEQ_LEN}-token packed rows, fp32, "
+             f"2 ranks x {args.threads} thread(s), gloo on a {os.cpu_count()}-core CPU machine, micro-batch {MICRO} x {SEQ_LEN}-token packed rows, fp32, "
              "shipped ds_configs/zero3.json; tokens/s = non-pad tokens of both ranks per step, median of repeats.", "",
              "| model | ours tokens/s | HF Trainer tokens/s | ours / HF | ours s/step | HF s/step |", "|---|---|---|---|---|---|"]
     for name, s in results["models"].items():
         lines.append(f"| {name} | {s['ours']['tokens_per_s_median']:.0f} | {s['hf']['tokens_per_s_median']:.0f} | "
                      f"{s['ratio_ours_over_hf']:.2f} | {s['ours']['s_per_step_median']:.3f} | {s['hf']['s_per_step_median']:.3f} |")
+    if args.note:
+        lines += ["", args.note]
+    results["note"] = args.note
+    (results_dir / "train_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     (results_dir / "train_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -88,7 +88,9 @@ def test_deepspeed_launcher_gives_the_same_run(base: Path, tiny_model_dir: Path,
     assert read_trace(run_dir, 1) == read_trace(reference[1], 1)
 
 
-def test_resume_after_kill_9_twice_is_exact(base: Path, tiny_model_dir: Path, reference: tuple[Path, Path]) -> None:
+def test_resume_after_kill_9_twice_is_exact(
+    base: Path, tiny_model_dir: Path, reference: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data_dir = base / "resume_data"
     shutil.copytree(SAMPLE_DATA, data_dir)
     config, run_dir = _config(base, "resume", tiny_model_dir, checkpoint={"every": 2}, export={"at_end": False})
@@ -112,7 +114,10 @@ def test_resume_after_kill_9_twice_is_exact(base: Path, tiny_model_dir: Path, re
     ref_weights = [{k: v for k, v in r.items() if k.startswith("mixture/")} for r in read_metrics(ref_dir)]
     assert weights == ref_weights
 
-    # The same run refuses a changed config (listing the key) and changed data (naming the domain).
+    # The same run refuses a changed config (listing the key) and changed data (naming the domain). The checks
+    # come before any process group, so rank 0 of a 2-rank relaunch can be played in this process.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     from versatune_ds.config import load_config
     from versatune_ds.errors import UserError
     from versatune_ds.train import run_training
@@ -124,6 +129,9 @@ def test_resume_after_kill_9_twice_is_exact(base: Path, tiny_model_dir: Path, re
     with pytest.raises(UserError, match="domain 'code': its data changed") as error:
         run_training(load_config(config), resume="auto")
     assert "'law'" not in str(error.value)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UserError, match="written by 2 ranks, this run has 4"):
+        run_training(load_config(config), resume="auto")
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,20 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict)
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy (fp32) with the causal shift applied to the labels, not the logits.
+
+    Shifting the labels (pad one -100 on the right, drop the first) keeps the logits contiguous, so no
+    copy of the [batch, seq, vocab] tensor is made in forward or backward (as HF's ForCausalLMLoss does).
+    """
+    import torch.nn.functional as F
+
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].to(logits.device)
+    return F.cross_entropy(
+        logits.float().view(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
 def count_loss_tokens(batch: dict) -> int:
     """Label tokens of a collated batch after the causal shift (what `row_loss_sums` counts)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -189,28 +203,27 @@ class TrainEngine:
         global_tokens = float(dist.all_reduce_sum(np.array([local_tokens]))[0])
         scale = self.world_size / max(global_tokens, 1.0)
         self.engine.train()
-        local_sum = 0.0
-        local_nonfinite = False
+        local_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        local_nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
         last = len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == last)
             inputs = self._to_device(batch)
             labels = inputs.pop("labels")
             logits = self.engine(**inputs, use_cache=False).logits
-            row_sums, _ = row_loss_sums(logits, labels)
-            loss_sum = row_sums.sum()
-            value = float(loss_sum.detach())
-            if math.isfinite(value):
-                local_sum += value
-                to_backward = loss_sum * scale
-            else:
-                local_nonfinite = True
-                to_backward = loss_sum * float("nan")  # every gradient of every rank turns non-finite
-            self.engine.backward(to_backward, scale_wrt_gas=False)
-        if self.stage == 0:
-            local_nonfinite = local_nonfinite or _grads_nonfinite(self.module)
+            loss_sum = token_loss_sum(logits, labels)
+            # Decided on the device, without a host sync: a non-finite loss multiplies the backward by NaN,
+            # so every gradient of every rank turns non-finite (see the module docstring).
+            finite = torch.isfinite(loss_sum.detach())
+            factor = torch.where(finite, torch.tensor(scale, device=finite.device), torch.tensor(float("nan"), device=finite.device))
+            self.engine.backward(loss_sum * factor.detach(), scale_wrt_gas=False)
+            local_sum += torch.where(finite, loss_sum.detach().double(), torch.zeros_like(local_sum))
+            local_nonfinite += (~finite).double()
+        flags = torch.stack([local_sum, local_nonfinite]).cpu().numpy()
+        if self.stage == 0 and flags[1] == 0 and _grads_nonfinite(self.module):
+            flags[1] = 1.0
         # One collective for both: the loss sum for the log, and whether any rank saw a non-finite value.
-        totals = dist.all_reduce_sum(np.array([local_sum, 1.0 if local_nonfinite else 0.0]))
+        totals = dist.all_reduce_sum(flags)
         skipped = bool(totals[1] > 0)
         if skipped and self.stage == 0:
             self.engine.zero_grad()

@@ -357,11 +357,13 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
             calls = o["runs"][name][0]["eval_calls"]
             lines.append(f"| {name} | {med['run_s']:.1f} | {med['eval_s']:.2f} ({calls}) | {med['update_s']:.4f} | {med['tokens_per_s_median']:.0f} |")
         lines += ["", f"Wall overhead (versatune − static) / static = **{o['wall_overhead_pct']:+.1f} %** (target ≤ 5 %); "
-                  f"timed part: extra eval {o['extra_eval_s']:.2f} s + update {o['update_s']:.4f} s = {o['timed_overhead_pct']:.1f} % of the static run. "
-                  "Per-run walls: " + "; ".join(f"{k} " + ", ".join(f"{x['run_s']:.1f}" for x in v) for k, v in o["runs"].items()) + ".", "",
+                  f"timed part: extra eval {o['extra_eval_s']:.2f} s + update {o['update_s']:.4f} s = {o['timed_overhead_pct']:.1f} % of the static run's wall "
+                  "(which also holds start-up, data loading and the final checkpoint, so this understates the steady-state share). "
+                  "Per-run walls (s, with the 1-min load average after the run): " + "; ".join(
+                      f"{k} " + ", ".join(f"{x['run_s']:.1f} (load {x['load_avg'][0]})" for x in v) for k, v in o["runs"].items()) + ".", "",
                   f"Parts: one evaluation {o['eval_s_per_call']:.2f} s ({o['eval_s_per_call'] / o['step_s_estimate']:.0f} training steps' worth), one update "
                   f"{o['update_s_per_call'] * 1000:.1f} ms, one step ≈ {o['step_s_estimate']:.3f} s (1024 tokens / median tokens/s). Projected overhead "
-                  "(eval + update) / (eval.every × step): " + ", ".join(f"every {k}: {v:.1f} %" for k, v in o["projected_overhead_pct_by_eval_every"].items()) + ".", ""]
+                  "in steady state, (eval + update) / (eval.every × step): " + ", ".join(f"every {k}: {v:.1f} %" for k, v in o["projected_overhead_pct_by_eval_every"].items()) + ".", ""]
     if "probe" in r:
         lines += ["## Probe generation throughput (replica per rank, generate_all)", "",
                   "| model | ranks | batch | generations | new tokens | seconds | generations/s | tokens/s | load avg after |",

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,7 @@ class Task:
     done: Path  # the file whose existence means the task finished earlier
     after: tuple[str, ...] = ()
     port: int | None = None
+    fresh_dir: Path | None = None  # removed before a start (a killed training run is redone from scratch)
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
@@ -109,12 +111,15 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, start_onl
     done = lambda name: by_name[name].done.is_file()  # noqa: E731
     pending = [t for t in tasks if not done(t.name) and (start_only is None or t.name in start_only)]
     running: list[tuple[Task, subprocess.Popen, float, object]] = []
+    attempts: dict[str, int] = {}
     while pending or running or not all(done(t.name) for t in tasks):
         for task in list(pending):
             if len(running) >= parallel or (running and available_memory_gib() < min_free_gib):
                 break
             if all(done(dep) for dep in task.after):
                 pending.remove(task)
+                if task.fresh_dir is not None:
+                    shutil.rmtree(task.fresh_dir, ignore_errors=True)
                 task.log.parent.mkdir(parents=True, exist_ok=True)
                 handle = open(task.log, "w", encoding="utf-8")
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
@@ -131,10 +136,18 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, start_onl
             handle.close()
             running.remove(item)
             if process.returncode != 0:
-                for _, other, _, _ in running:
-                    other.kill()
+                # On this shared machine the kernel's OOM killer may pick one of our processes (exit -9):
+                # retry such a task once, after the others, and leave the running ones alone.
                 tail = task.log.read_text(errors="replace").splitlines()[-20:]
-                raise SystemExit(f"task {task.name} failed (exit {process.returncode}); log {task.log}:\n" + "\n".join(tail))
+                attempts[task.name] = attempts.get(task.name, 0) + 1
+                if attempts[task.name] > 1:
+                    for _, other, _, _ in running:
+                        other.kill()
+                    raise SystemExit(f"task {task.name} failed (exit {process.returncode}); log {task.log}:\n" + "\n".join(tail))
+                logger.warning("task %s failed (exit %d); retrying it once. Log tail:\n%s", task.name, process.returncode, "\n".join(tail[-3:]))
+                task.log.rename(task.log.with_suffix(f".failed{attempts[task.name]}.log"))
+                pending.append(task)
+                continue
             timings[task.name] = time.perf_counter() - start
             timings_path.write_text(json.dumps(timings, indent=1))
             logger.info("finished %s in %.0f s", task.name, timings[task.name])
@@ -145,9 +158,9 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, start_onl
     return timings
 
 
-def read_mcq(path: Path) -> np.ndarray:
+def read_mcq(path: Path, key: str = "acc") -> np.ndarray:
     doc = json.loads(path.read_text())
-    return np.array([doc["domains"][d]["acc"] for d in qc.DOMAINS], dtype=np.float64)
+    return np.array([doc["domains"][d][key] for d in qc.DOMAINS], dtype=np.float64)
 
 
 def main() -> int:
@@ -168,7 +181,7 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=3)
     parser.add_argument("--results-name", default="quality_smollm2")
     parser.add_argument("--tasks", nargs="*", default=None, help="start only these tasks; wait for the others' outputs")
-    parser.add_argument("--min-free-gib", type=float, default=4.0, help="start another task only above this MemAvailable")
+    parser.add_argument("--min-free-gib", type=float, default=6.0, help="start another task only above this MemAvailable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(args.work_dir).resolve()
@@ -191,7 +204,7 @@ def main() -> int:
         port = 29620 + index
         tasks.append(Task(f"train_{strategy}", ("train", "--config", str(CONFIG), *train_overrides(strategy, run_dir, distribution, port, args)),
                           work / "logs" / f"train_{strategy}.log", run_dir / "final" / "config.json",
-                          after=() if strategy == "uniform" else ("probe",), port=port))
+                          after=() if strategy == "uniform" else ("probe",), port=port, fresh_dir=run_dir))
         tasks.append(Task(f"mcq_{strategy}", mcq_args(run_dir / "final", work / f"mcq_{strategy}.json", args),
                           work / "logs" / f"mcq_{strategy}.log", work / f"mcq_{strategy}.json", after=(f"train_{strategy}",),
                           port=29640 + index))
@@ -227,6 +240,7 @@ def summarise(work: Path, args: argparse.Namespace, timings: dict, distribution:
         runs[strategy] = {
             "heldout_loss_before": first.tolist(), "heldout_loss_after": last.tolist(),
             "mcq_acc_after": read_mcq(work / f"mcq_{strategy}.json").tolist(),
+            "mcq_acc_norm_after": read_mcq(work / f"mcq_{strategy}.json", "acc_norm").tolist(),
             "trained_tokens": tokens.tolist(), "trained_tokens_total": float(tokens.sum()),
             "weight_steps": steps, "weights": weights.tolist(),
             "train_wall_s": timings.get(f"train_{strategy}"), "mcq_wall_s": timings.get(f"mcq_{strategy}"),
@@ -234,19 +248,22 @@ def summarise(work: Path, args: argparse.Namespace, timings: dict, distribution:
     base_mcq = read_mcq(work / "mcq_base.json")
     mcq_score = {"base": stats.multi_domain_score(base_mcq)}
     loss_score = {"base": stats.multi_domain_score(base_losses)}
+    mcq_norm_score = {"base": stats.multi_domain_score(read_mcq(work / "mcq_base.json", "acc_norm"))}
     for strategy, run in runs.items():
+        mcq_norm_score[strategy] = stats.multi_domain_score(run["mcq_acc_norm_after"])
         mcq_score[strategy] = stats.multi_domain_score(run["mcq_acc_after"])
         loss_score[strategy] = stats.multi_domain_score(run["heldout_loss_after"])
     gain = {}
     if "uniform" in runs:
         for strategy in runs:
             gain[strategy] = {"mcq_G_pct": stats.relative_gain(mcq_score[strategy], mcq_score["uniform"]),
+                              "mcq_norm_G_pct": stats.relative_gain(mcq_norm_score[strategy], mcq_norm_score["uniform"]),
                               "loss_G_pct": stats.relative_gain(loss_score[strategy], loss_score["uniform"])}
     return {
         "settings": {k: v for k, v in vars(args).items()}, "domains": list(qc.DOMAINS), "probe": probe,
         "probe_wall_s": timings.get("probe"), "mcq_base_wall_s": timings.get("mcq_base"),
-        "mcq_acc_base": base_mcq.tolist(), "heldout_loss_base": base_losses.tolist(), "runs": runs,
-        "mcq_score": mcq_score, "loss_score": loss_score, "relative_gain_vs_uniform": gain,
+        "mcq_acc_base": base_mcq.tolist(), "mcq_acc_norm_base": read_mcq(work / "mcq_base.json", "acc_norm").tolist(), "heldout_loss_base": base_losses.tolist(), "runs": runs,
+        "mcq_score": mcq_score, "mcq_norm_score": mcq_norm_score, "loss_score": loss_score, "relative_gain_vs_uniform": gain,
         "mcq_items_per_domain": args.mcq_items, "machine": qc.machine_info(), "versions": qc.versions(),
         "formulas": {"S": "S = (1/6) * sum_d s_d", "G": "G = (S - S_uniform) / S_uniform * 100 (loss: negative = better)"},
     }
@@ -307,24 +324,32 @@ def markdown(results: dict, name: str) -> str:
     lines += ["", "## Per-domain results", "",
               "| model | metric | " + " | ".join(qc.DOMAINS) + " | S (mean) |", "|---|---|" + "---|" * (len(qc.DOMAINS) + 1),
               f"| base | held-out loss | {fmt(results['heldout_loss_base'])} | {results['loss_score']['base']:.4f} |",
-              f"| base | MCQ acc | {fmt(results['mcq_acc_base'])} | {results['mcq_score']['base']:.4f} |"]
+              f"| base | MCQ acc | {fmt(results['mcq_acc_base'])} | {results['mcq_score']['base']:.4f} |",
+              f"| base | MCQ acc_norm | {fmt(results['mcq_acc_norm_base'])} | {results['mcq_norm_score']['base']:.4f} |"]
     for strategy, run in results["runs"].items():
         lines.append(f"| {strategy} | held-out loss | {fmt(run['heldout_loss_after'])} | {results['loss_score'][strategy]:.4f} |")
         lines.append(f"| {strategy} | MCQ acc | {fmt(run['mcq_acc_after'])} | {results['mcq_score'][strategy]:.4f} |")
+        lines.append(f"| {strategy} | MCQ acc_norm | {fmt(run['mcq_acc_norm_after'])} | {results['mcq_norm_score'][strategy]:.4f} |")
     lines += ["", "S = (1/6) * sum_d s_d (versatune_ds.stats.multi_domain_score); "
               "G = (S - S_uniform) / S_uniform * 100 (versatune_ds.stats.relative_gain).", "",
-              "| strategy | trained tokens (sum) | S_loss | G_loss vs uniform (negative = better) | S_mcq | G_mcq vs uniform | train wall s |",
-              "|---|---|---|---|---|---|---|"]
+              "| strategy | trained tokens (sum) | S_loss | G_loss vs uniform (negative = better) | S_mcq (acc) | G_mcq vs uniform | S_mcq (acc_norm) | G vs uniform | train wall s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for strategy, run in results["runs"].items():
         g = results["relative_gain_vs_uniform"].get(strategy, {})
         wall = run["train_wall_s"]
         lines.append(f"| {strategy} | {run['trained_tokens_total']:.0f} | {results['loss_score'][strategy]:.4f} | "
                      f"{g.get('loss_G_pct', float('nan')):+.2f} % | {results['mcq_score'][strategy]:.4f} | {g.get('mcq_G_pct', float('nan')):+.2f} % | "
+                     f"{results['mcq_norm_score'][strategy]:.4f} | {g.get('mcq_norm_G_pct', float('nan')):+.2f} % | "
                      f"{'' if wall is None else f'{wall:.0f}'} |")
     lines += ["", "Trained tokens per domain:", "", "| strategy | " + " | ".join(qc.DOMAINS) + " |", "|---|" + "---|" * len(qc.DOMAINS)]
     for strategy, run in results["runs"].items():
         lines.append(f"| {strategy} | " + " | ".join(f"{v:.0f}" for v in run["trained_tokens"]) + " |")
-    lines += ["", f"![per-domain loss, MCQ accuracy, weights]({name}.png)", ""]
+    n = results["mcq_items_per_domain"]
+    lines += ["", f"Noise: with {n} MCQ items per domain the binomial standard error is about sqrt(0.25·0.75/{n}) = "
+              f"{(0.1875 / n) ** 0.5:.2f} per domain and {(0.1875 / (6 * n)) ** 0.5:.3f} on S; MCQ differences below ~0.1 are not "
+              "evidence either way. Held-out losses are on the same few examples for every model (paired), so their differences "
+              "are less noisy, but there are only 4-8 examples per domain.", "",
+              f"![per-domain loss, MCQ accuracy, weights]({name}.png)", ""]
     return "\n".join(lines)
 
 

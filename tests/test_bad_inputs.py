@@ -56,9 +56,7 @@ needs_data = pytest.mark.skipif(not HAS_DATA, reason="versatune_ds/data.py (owne
 needs_plan = pytest.mark.skipif(not HAS_PLAN, reason="the plan command (versatune_ds/plan.py, owner D) is not available yet")
 
 # Cases that still show a bug in a module owned by someone else: strict, so the fix is noticed.
-KNOWN_BUGS: dict[str, str] = {
-    "ds_configs/non_utf8.json": "ds_config.load_ds_json does not catch UnicodeDecodeError (owner E)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 
 def _cases(category: str, suffix: str) -> list[Any]:

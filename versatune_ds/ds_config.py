@@ -79,6 +79,10 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
         raise UserError(f"deepspeed.config: file not found: {path}") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"deepspeed.config: {path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"deepspeed.config: {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 JSON"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"deepspeed.config: {path} must hold a JSON object, got {type(data).__name__}")
     autos = _auto_keys(data, "")

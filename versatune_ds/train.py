@@ -218,6 +218,8 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
     metrics.close()
     if trace is not None:
         trace.close()
+    if env.is_main:
+        write_report(run_dir)
     if stopped:
         logger.error("stopped at step %d on a non-finite loss (train.on_nonfinite=stop); checkpoint saved", step)
     return TrainSummary(run_dir, step, engine.skipped_steps, stopped, export_dir)
@@ -235,6 +237,16 @@ def log_data_sources(cfg: RunConfig) -> None:
             if sources:
                 resolved = [s if s.startswith("hf:") else str(Path(s).expanduser().resolve()) for s in sources]
                 logger.info("domain %s %s data: %s", domain.name, kind, ", ".join(resolved))
+
+
+def write_report(run_dir: Path) -> None:
+    """Rank 0 writes report/ at the end; a failed plot must not turn a finished run into a failure."""
+    from versatune_ds.report import build_report
+
+    try:
+        logger.info("report: %s", build_report(run_dir))
+    except Exception as exc:  # noqa: BLE001 - the model and checkpoints are already safe; say so and go on
+        logger.warning("could not write the report (%s: %s); run `versatune-ds report --run-dir %s`", type(exc).__name__, exc, run_dir)
 
 
 def collate(rows: list, pad_token_id: int, packed: bool) -> dict:

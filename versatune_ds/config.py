@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from versatune_ds.errors import UserError
+from versatune_ds.mixture import RULES, STRATEGIES  # the one list of strategy names
 
 DEFAULT_DOMAIN_NAMES: tuple[str, ...] = ("law", "medicine", "finance", "science", "code", "general")
 
@@ -210,18 +211,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.template": ("auto", "chat_template", "simple", "chatml"),
     "data.truncation": ("error", "truncate", "skip"),
     "data.on_bad_row": ("error", "skip"),
-    "mixture.strategy": (
-        "versatune",
-        "versatune_static",
-        "uniform",
-        "proportional",
-        "inverse",
-        "fixed",
-        "target_only",
-        "target_plus_uniform",
-    ),
+    "mixture.strategy": STRATEGIES,
     "mixture.unit": ("examples", "tokens"),
-    "mixture.rule": ("versatune", "official"),
+    "mixture.rule": RULES,
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("skip", "stop"),
     "dist.backend": ("auto", "nccl", "gloo"),

@@ -344,7 +344,7 @@ def _poison_and_run(poison_step: int, poison_rank: int, value: str, argv: list[s
 
     rank = int(os.environ.get("RANK", "0"))
     original_step = engine_module.TrainEngine.train_step
-    original_sums = engine_module.row_loss_sums
+    original_sum = engine_module.token_loss_sum
     state = {"steps": 0, "active": False}
 
     def train_step(self, micro_batches):  # type: ignore[no-untyped-def]
@@ -355,14 +355,14 @@ def _poison_and_run(poison_step: int, poison_rank: int, value: str, argv: list[s
         finally:
             state["active"] = False
 
-    def row_loss_sums(logits, labels):  # type: ignore[no-untyped-def]
-        sums, counts = original_sums(logits, labels)
+    def token_loss_sum(logits, labels):  # type: ignore[no-untyped-def]
+        loss_sum = original_sum(logits, labels)
         if state["active"]:
-            sums = sums + torch.tensor(float(value))  # keeps the graph: the backward sees it too
-        return sums, counts
+            loss_sum = loss_sum + torch.tensor(float(value))  # keeps the graph: the backward sees it too
+        return loss_sum
 
     engine_module.TrainEngine.train_step = train_step
-    engine_module.row_loss_sums = row_loss_sums
+    engine_module.token_loss_sum = token_loss_sum
     return cli.main(argv)
 
 

@@ -108,6 +108,8 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         domain_names=domains.names,
     )
 
+    warn_starved_domains(policy.initial_item_weights(), cfg.mixture.block_size, domains)
+
     # 4. The model, partitioned at load under ZeRO-3, and the engine; restore a checkpoint.
     engine = TrainEngine(cfg, load_model(cfg, ds_config), ds_config, total_steps=cfg.train.max_steps)
     step = 0
@@ -237,6 +239,21 @@ def log_data_sources(cfg: RunConfig) -> None:
             if sources:
                 resolved = [s if s.startswith("hf:") else str(Path(s).expanduser().resolve()) for s in sources]
                 logger.info("domain %s %s data: %s", domain.name, kind, ", ".join(resolved))
+
+
+def warn_starved_domains(item_weights: np.ndarray, block_size: int, domains: Domains) -> None:
+    """Say so when a domain with a positive weight rounds to no row per sampler block (it would never be seen)."""
+    from versatune_ds.mixture import largest_remainder_counts
+
+    counts = largest_remainder_counts(item_weights, block_size)
+    starved = [domains.name_of(d) for d in np.flatnonzero((counts == 0) & (np.asarray(item_weights) > 0))]
+    if starved:
+        smallest = float(np.min(np.asarray(item_weights)[np.asarray(item_weights) > 0]))
+        logger.warning(
+            "domain(s) %s get no row in a sampler block of %d rows at their weight (smallest item weight %.4f): "
+            "they would not be trained on; raise mixture.block_size to at least %d or mixture.floor",
+            ", ".join(starved), block_size, smallest, int(np.ceil(1 / smallest)),
+        )
 
 
 def write_report(run_dir: Path) -> None:

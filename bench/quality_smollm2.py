@@ -344,6 +344,16 @@ def markdown(results: dict, name: str) -> str:
     lines += ["", "Trained tokens per domain:", "", "| strategy | " + " | ".join(qc.DOMAINS) + " |", "|---|" + "---|" * len(qc.DOMAINS)]
     for strategy, run in results["runs"].items():
         lines.append(f"| {strategy} | " + " | ".join(f"{v:.0f}" for v in run["trained_tokens"]) + " |")
+    runs = results["runs"]
+    if "versatune" in runs and "versatune_static" in runs and runs["versatune"]["trained_tokens"] == runs["versatune_static"]["trained_tokens"]:
+        lines += ["", "versatune trained on exactly the same rows as versatune_static (identical per-domain token counts): its "
+                  "weight updates were too small to change any domain's row count in a sampler block of "
+                  f"{s['eval_every'] * s['micro_batch']} rows (largest-remainder rounding), so the two runs differ only in evaluation time. "
+                  "A domain whose share × block size rounds to 0 gets no rows at all (see the trained tokens)."]
+    walls = [f"probe {results['probe_wall_s']:.0f} s" if results.get("probe_wall_s") else None,
+             f"base MCQ {results['mcq_base_wall_s']:.0f} s" if results.get("mcq_base_wall_s") else None]
+    walls += [f"MCQ after {k} {v['mcq_wall_s']:.0f} s" for k, v in runs.items() if v.get("mcq_wall_s")]
+    lines += ["", "Wall times (machine shared; trainings ran in parallel): " + ", ".join(w for w in walls if w) + "."]
     n = results["mcq_items_per_domain"]
     lines += ["", f"Noise: with {n} MCQ items per domain the binomial standard error is about sqrt(0.25·0.75/{n}) = "
               f"{(0.1875 / n) ** 0.5:.2f} per domain and {(0.1875 / (6 * n)) ** 0.5:.3f} on S; MCQ differences below ~0.1 are not "

@@ -306,7 +306,7 @@ def markdown(results: dict, name: str) -> str:
     lines = [
         "# Quality, tier 2: SmolLM2-135M-Instruct on ../shared/data (bench/quality_smollm2.py)", "",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/quality_smollm2.py --work-dir {Path(s['work_dir']).relative_to(qc.REPO) if Path(s['work_dir']).is_relative_to(qc.REPO) else s['work_dir']} "
-        f"--steps {s['steps']} --mcq-items {s['mcq_items']} --parallel {s['parallel']}`", "",
+        f"--steps {s['steps']} --eval-every {s['eval_every']} --mcq-items {s['mcq_items']} --parallel {s['parallel']} --results-name {name}`", "",
         f"SFT per strategy: {s['steps']} steps x micro-batch {s['micro_batch']} x packed seq_len {s['seq_len']} (one process, ZeRO-3, "
         f"AdamW lr {s['lr']} cosine, warmup 2, seed {s['seed']}); dynamic re-weighting every {s['eval_every']} steps on "
         f"{s['heldout']} held-out SFT examples per domain (sampler block = {s['eval_every'] * s['micro_batch']} rows). "

@@ -151,8 +151,10 @@ def run(kind: str, model_dir: str, steps: int, warmup: int, out_dir: Path, threa
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", __file__, "--worker", kind, model_dir, str(out_file), str(steps), str(warmup)]
     result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
-    if result.returncode != 0:
+    if result.returncode != 0 and not out_file.exists():
         raise SystemExit(f"{kind} on {model_dir} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    if result.returncode != 0:  # gloo sometimes aborts at process exit, after the numbers were written
+        print(f"note: {kind} on {model_dir} exited {result.returncode} after writing its result", file=sys.stderr)
     return json.loads(out_file.read_text())
 
 

@@ -334,3 +334,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     WORKERS[argv[0]](*argv[1:])
+    # As versatune_ds.cli does: end without C++ static teardown, where gloo can abort a finished process.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

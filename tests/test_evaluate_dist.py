@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 WORKER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,6 +81,8 @@ WORKER = textwrap.dedent(
     with open(f"{out}.rank{env.rank}.json", "w") as handle:
         json.dump(result, handle)
     dist.destroy()
+    sys.stdout.flush(); sys.stderr.flush()
+    os._exit(0)  # skip C++ teardown, where gloo can abort a finished process (see versatune_ds.cli)
     """
 )
 

@@ -91,22 +91,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _leave_process_group(code: int) -> int:
     """Exit a multi-rank command without tripping gloo at interpreter shutdown.
 
-    When a multi-rank process group is still up at exit (always after a peer died, sometimes after a clean
-    run), a gloo worker thread can be destroyed while joinable during C++ static teardown, and the process
-    dies with `terminate called without an active exception` (SIGABRT) instead of our exit code. So: leave
-    the group on success, flush everything, and end the process with `os._exit(code)`. Single-process runs
-    (and in-process callers such as the tests) return normally.
+    Tearing down a multi-rank gloo group (destroy_process_group, or C++ static teardown at interpreter exit)
+    while the peers finish at their own pace can abort a rank that has done all its work, with
+    `terminate called without an active exception` (SIGABRT) instead of our exit code — seen both after clean
+    runs and after a peer died. Every collective is complete when a command returns, and files and loggers
+    are closed by then, so: flush and end the process with `os._exit(code)`. Single-process runs (and
+    in-process callers such as the tests) return normally.
     """
     torch_dist = sys.modules.get("torch.distributed")
     if torch_dist is None or not (torch_dist.is_available() and torch_dist.is_initialized()):
         return code
     if torch_dist.get_world_size() <= 1:
         return code
-    if code == 0:
-        try:
-            torch_dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - the work is done and saved; leaving the group is best effort
-            pass
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

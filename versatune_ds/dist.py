@@ -242,10 +242,14 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 
 def destroy() -> None:
+    """Leave a one-process group. A multi-rank group is left by ending the process (`cli._leave_process_group`):
+    destroying a gloo group while peers finish at their own pace can abort a rank that has done all its work
+    (`terminate called without an active exception`), so multi-rank groups are not torn down here."""
     if _is_initialized():
         import torch.distributed as torch_dist
 
-        torch_dist.destroy_process_group()
+        if torch_dist.get_world_size() == 1:
+            torch_dist.destroy_process_group()
 
 
 def shard_sequence(items: Sequence[Any], world_size: int, rank: int) -> list[Any]:

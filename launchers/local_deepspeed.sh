@@ -13,27 +13,15 @@
 # Output goes to the terminal and to $RUN_DIR/logs/deepspeed-<time>.log.
 set -euo pipefail
 
-REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-CONFIG=${CONFIG:?set CONFIG to a run config YAML, e.g. CONFIG=configs/my_run.yaml}
-RUN_DIR=${RUN_DIR:-runs/$(basename "${CONFIG%.*}")}
-if [[ -z "${DEVICE:-}" ]]; then
-  if nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
-fi
-if [[ "$DEVICE" == gpu ]]; then
-  NPROC=${NPROC:-${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}}
-else
-  NPROC=${NPROC:-2}
-  # The deepspeed launcher does not cap threads; unset, every rank takes all cores. Its CPU
-  # accelerator counts "devices" from LOCAL_SIZE (else NUMA nodes), so tell it the rank count.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=cpu LOCAL_SIZE=$NPROC
+# shellcheck source=launchers/local_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_env.sh" deepspeed
+if [[ "$DEVICE" == cpu ]]; then
+  # The deepspeed launcher's CPU accelerator counts "devices" from LOCAL_SIZE (else NUMA nodes).
+  export LOCAL_SIZE=$NPROC
 fi
 MASTER_PORT=${MASTER_PORT:-29500}
 DEEPSPEED=${DEEPSPEED:-deepspeed}
-EXTRA_ARGS=${EXTRA_ARGS:-}
-export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-mkdir -p "$RUN_DIR/logs"
-LOG="$RUN_DIR/logs/deepspeed-$(date +%Y%m%d-%H%M%S).log"
 echo "deepspeed: $NPROC x $DEVICE, config $CONFIG, run dir $RUN_DIR, log $LOG" | tee -a "$LOG"
 
 # --no_local_rank: the launcher would otherwise insert --local_rank=N right after the module name,

@@ -14,25 +14,10 @@
 # Output goes to the terminal and to $RUN_DIR/logs/torchrun-<time>.log.
 set -euo pipefail
 
-REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-CONFIG=${CONFIG:?set CONFIG to a run config YAML, e.g. CONFIG=configs/my_run.yaml}
-RUN_DIR=${RUN_DIR:-runs/$(basename "${CONFIG%.*}")}
-if [[ -z "${DEVICE:-}" ]]; then
-  if nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
-fi
-if [[ "$DEVICE" == gpu ]]; then
-  NPROC=${NPROC:-${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}}
-else
-  NPROC=${NPROC:-2}
-  # On CPU every rank would otherwise start one thread per core and the ranks fight for them.
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=cpu
-fi
+# shellcheck source=launchers/local_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/local_env.sh" torchrun
 TORCHRUN=${TORCHRUN:-torchrun}
-EXTRA_ARGS=${EXTRA_ARGS:-}
-export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-mkdir -p "$RUN_DIR/logs"
-LOG="$RUN_DIR/logs/torchrun-$(date +%Y%m%d-%H%M%S).log"
 echo "torchrun: $NPROC x $DEVICE, config $CONFIG, run dir $RUN_DIR, log $LOG" | tee -a "$LOG"
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is word-split on purpose

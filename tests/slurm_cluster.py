@@ -326,15 +326,20 @@ def _remove_new_cgroups(before: set[Path]) -> None:
 # the two clusters
 
 
-@contextlib.contextmanager
-def single_node_cluster(scratch: Path) -> Iterator[SlurmCluster]:
-    """A one-node cluster (`CPUs=2`) in the root network namespace."""
+def _prepare(scratch: Path) -> None:
+    """Refuse early where no cluster can run here; make the scratch folder and install Slurm if missing."""
     reason = unavailable_reason()
     if reason:
         raise ClusterUnavailable(reason)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / "log").mkdir(exist_ok=True)
     ensure_slurm_installed(scratch / "log" / "apt.log")
+
+
+@contextlib.contextmanager
+def single_node_cluster(scratch: Path) -> Iterator[SlurmCluster]:
+    """A one-node cluster (`CPUs=2`) in the root network namespace."""
+    _prepare(scratch)
     node = socket.gethostname().split(".")[0]
     with contextlib.ExitStack() as stack:
         stack.callback(_remove_new_cgroups, _cgroup_dirs())
@@ -361,12 +366,7 @@ def single_node_cluster(scratch: Path) -> Iterator[SlurmCluster]:
 @contextlib.contextmanager
 def two_node_cluster(scratch: Path) -> Iterator[SlurmCluster]:
     """Two namespace "hosts" nodeA (10.231.0.1, controller) and nodeB (10.231.0.2), `CPUs=1` each."""
-    reason = unavailable_reason()
-    if reason:
-        raise ClusterUnavailable(reason)
-    scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "log").mkdir(exist_ok=True)
-    ensure_slurm_installed(scratch / "log" / "apt.log")
+    _prepare(scratch)
     tag = f"vtds{os.getpid() % 100000}"  # unique per test process; veth names must stay <= 15 chars
     nodes = {"nodeA": (f"{tag}a", f"{SUBNET_PREFIX}.1"), "nodeB": (f"{tag}b", f"{SUBNET_PREFIX}.2")}
     with contextlib.ExitStack() as stack:

@@ -1,16 +1,33 @@
 """versatune_ds: multi-domain fine-tuning of causal LMs with DeepSpeed ZeRO-3 and the VersaTune method."""
 
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = Path(__file__).resolve().parent
+# Files users start from, shipped inside the wheel under versatune_ds/_shipped/ (found by versatune_ds.resources).
+SHIPPED_FOLDERS = ("ds_configs", "configs", "launchers", "data/sample")
+
+
+class BuildWithShippedFiles(build_py):
+    """Copy the DeepSpeed configs, example configs, launchers and sample data into the built package."""
+
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "versatune_ds" / "_shipped"
+        for folder in SHIPPED_FOLDERS:
+            source = HERE / folder
+            if source.is_dir():
+                shutil.copytree(source, target / folder, dirs_exist_ok=True)
+
 
 setup(
     name="versatune-ds",
     version="0.1.0",
     description="Multi-domain fine-tuning of causal LMs with DeepSpeed ZeRO-3 and VersaTune data composition",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8")
-    if Path(__file__).with_name("README.md").exists()
-    else "",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
@@ -40,4 +57,5 @@ setup(
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "tensorboard", "gguf"],
     },
     entry_points={"console_scripts": ["versatune-ds=versatune_ds.cli:main"]},
+    cmdclass={"build_py": BuildWithShippedFiles},
 )

@@ -18,12 +18,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from common import write_results  # noqa: E402
 
-from versatune_ds.classify import ClassifierReport, TfidfConfig, evaluate_classifier, train_tfidf_classifier
+from versatune_ds.probe.classifier import ClassifierReport, TfidfConfig, evaluate_classifier, train_tfidf_classifier
 
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
 HELD_OUT_FRACTION = 0.2
@@ -157,9 +158,7 @@ def main() -> int:
         print(f"{name:16s} train {train_time:6.1f}s  raw {variant['raw']['accuracy']:.3f}  "
               f"sft {variant['sft']['accuracy']:.3f}  eval {variant['eval']['accuracy']:.3f}", flush=True)
     result["best"] = max(result["variants"], key=lambda n: np.mean([result["variants"][n][s]["accuracy"] for s in ("raw", "sft", "eval")]))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "classifier_accuracy.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    (args.out_dir / "classifier_accuracy.md").write_text(markdown(result), encoding="utf-8")
+    write_results("classifier_accuracy", result, markdown(result), folder=args.out_dir)
     print(f"best: {result['best']}")
     return 0
 

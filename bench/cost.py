@@ -12,7 +12,7 @@
 3. Achieved training FLOP/s = 6 * N * tokens/s (N = all parameters, and N = non-embedding parameters;
    forward + backward ≈ 6 FLOPs per parameter per token, attention FLOPs ignored) as a fraction of a
    dense fp32 matmul's FLOP/s (torch.mm 1024 x 1024, same threads) measured in this run.
-4. Our ZeRO-3 loop vs the HF Trainer: helper E's bench/train_throughput.py; its results file is read
+4. Our ZeRO-3 loop vs the HF Trainer: bench/train_throughput.py; its results file is read
    (bench/results/train_throughput.json), or the script is re-run with --rerun-train-throughput.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cost.py [--steps 400] [--repeats 2] [--smollm2-run-dir DIR]
@@ -32,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "cost"
@@ -59,7 +61,7 @@ def base_config(work: Path) -> Path:
         "mixture": {"unit": "tokens", "floor": 0.02},
         "train": {"micro_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 5, "log_every": 50},
         "checkpoint": {"every": 100000, "keep_last": 1},
-        "deepspeed": {"config": str(REPO / "ds_configs" / "zero3.json")},
+        "deepspeed": {"config": "zero3"},
         "export": {"at_end": False},
     }
     path = work / "tiny_shared.yaml"
@@ -74,8 +76,9 @@ def base_config(work: Path) -> Path:
 
 def worker_overhead(config: str, overrides: list[str], out_file: str) -> None:
     """run_training with timers around the per-domain evaluation and the policy update."""
-    from versatune_ds import train, weighting
-    from versatune_ds.config import load_config
+    from versatune_ds import train
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.mixture import policy as weighting
 
     timers = {"eval_s": 0.0, "eval_calls": 0, "update_s": 0.0, "update_calls": 0}
     evaluate, after_eval = train.evaluate, weighting.MixturePolicy.after_eval
@@ -110,17 +113,20 @@ def worker_overhead(config: str, overrides: list[str], out_file: str) -> None:
 
 def worker_probe(config: str, overrides: list[str], out_file: str) -> None:
     """generate_all timed (model already loaded), replica per rank; rank 0 writes the result."""
+
     from versatune_ds import dist
-    from versatune_ds.config import load_config
-    from versatune_ds.data import load_tokenizer
-    from versatune_ds.engine import start_process_group
-    from versatune_ds.probe_generation import generate_all, load_probe_model
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.dist import start_process_group
+    from versatune_ds.engine.models import load_inference_model
+    from versatune_ds.probe.generation import generate_all
 
     cfg = load_config(config, overrides)
     env = dist.DistEnv.from_environ(default_port=cfg.dist.master_port)
     start_process_group(env, backend="gloo", timeout_s=600)
-    tokenizer = load_tokenizer(cfg)
-    model, _keep = load_probe_model(cfg, env, cfg.model.path, zero3=False)
+    tokenizer = load_tokenizer(cfg.model)
+    loaded = load_inference_model(cfg.model, env, zero3=False)  # keep it alive while `model` is used
+    model = loaded.module
     probe_dir = Path(cfg.train.run_dir) / "probe"
     if env.is_main:
         shutil.rmtree(probe_dir, ignore_errors=True)
@@ -302,9 +308,7 @@ def main() -> int:
     results["train_throughput"] = json.loads(throughput.read_text()) if throughput.is_file() else None
     results["load_avg_end"] = load_avg()
     results["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cost.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "cost.md").write_text(markdown(results, args))
+    write_results("cost", results, markdown(results, args))
     print((RESULTS / "cost.md").read_text())
     return 0
 
@@ -393,7 +397,7 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
         lines.append("")
     t = r.get("train_throughput")
     if t:
-        lines += ["## Our ZeRO-3 loop vs HF Trainer (helper E's bench/train_throughput.py, read from bench/results/train_throughput.json)", "",
+        lines += ["## Our ZeRO-3 loop vs HF Trainer (bench/train_throughput.py, read from bench/results/train_throughput.json)", "",
                   "| model | ours tokens/s | HF Trainer tokens/s | ours / HF |", "|---|---:|---:|---:|"]
         for name, s in t.get("models", {}).items():
             lines.append(f"| {name} | {s['ours']['tokens_per_s_median']:.0f} | {s['hf']['tokens_per_s_median']:.0f} | {s['ratio_ours_over_hf']:.2f} |")

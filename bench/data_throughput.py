@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LENS = (512, 1024, 2048)
@@ -68,7 +69,7 @@ def smollm2_tokenizer(workdir: Path):
 
 
 def make_config(sft: Path, seq_len: int, cache_dir: Path, num_proc: int):
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
 
     return load_config(None, [
         "model.path=unused", f"data.dir={sft}", f"data.seq_len={seq_len}", "data.truncation=truncate",
@@ -79,19 +80,19 @@ def make_config(sft: Path, seq_len: int, cache_dir: Path, num_proc: int):
 def measure(tokenizer, sft: Path, seq_len: int, num_proc: int, workdir: Path) -> dict:
     import dataclasses
 
-    from versatune_ds.data import prepare_data
-    from versatune_ds.packing import pack_examples, packing_efficiency
+    from versatune_ds.data.packing import pack_examples, packing_efficiency
+    from versatune_ds.data.prepare import prepare_data
 
     cache_dir = Path(tempfile.mkdtemp(dir=workdir))
     cfg = make_config(sft, seq_len, cache_dir, num_proc)
     start = time.perf_counter()
-    prepared = prepare_data(cfg, tokenizer)
+    prepared = prepare_data(cfg.data, tokenizer)
     cold_s = time.perf_counter() - start
     start = time.perf_counter()
-    prepare_data(cfg, tokenizer)
+    prepare_data(cfg.data, tokenizer)
     warm_s = time.perf_counter() - start
     unpacked_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=False))
-    unpacked = prepare_data(unpacked_cfg, tokenizer)  # cache hit: same tokens, one example per row
+    unpacked = prepare_data(unpacked_cfg.data, tokenizer)  # cache hit: same tokens, one example per row
     examples = sum(d.train_examples + len(d.heldout) for d in prepared.per_domain)
     tokens = sum(d.train_tokens + sum(e.num_tokens for e in d.heldout) for d in prepared.per_domain)
     pack_s, packed_rows, packed_tokens = 0.0, 0, 0
@@ -136,7 +137,7 @@ def measure(tokenizer, sft: Path, seq_len: int, num_proc: int, workdir: Path) ->
 
 
 def _example_of(row):
-    from versatune_ds.packing import Example
+    from versatune_ds.data.packing import Example
 
     return Example(row.example_indices[0], row.domain_id, row.input_ids, row.labels)
 
@@ -151,7 +152,7 @@ def _padded(rows, batch_size: int) -> tuple[int, int]:
     return real, padded
 
 
-def write_markdown(path: Path, document: dict) -> None:
+def markdown(document: dict) -> str:
     lines = [
         "# Data pipeline throughput and packing efficiency",
         "",
@@ -184,7 +185,7 @@ def write_markdown(path: Path, document: dict) -> None:
         *document["notes"],
         "",
     ]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -230,10 +231,7 @@ def main() -> int:
         "results": results,
         "notes": notes,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_throughput.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    write_markdown(out / "data_throughput.md", document)
+    write_results("data_throughput", document, markdown(document), folder=Path(args.out))
     print("\n".join(notes))
     return 0
 

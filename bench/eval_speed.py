@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+from common import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
 
@@ -25,8 +27,8 @@ def bench_model(name: str, model_dir: Path, items, batch_sizes, threads: int) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from versatune_ds.dist import DistEnv
-    from versatune_ds.evaluate import hf_forward
-    from versatune_ds.mcq import mcq_accuracy, score_mcq
+    from versatune_ds.eval.heldout import hf_forward
+    from versatune_ds.eval.mcq import mcq_accuracy, score_mcq
 
     torch.set_num_threads(threads)
     env = DistEnv(0, 1, 0, "127.0.0.1", 0, "single")
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/versatune_eval_speed")
     args = parser.parse_args()
 
-    from versatune_ds.mcq import load_mcq_file
+    from versatune_ds.eval.mcq import load_mcq_file
     from versatune_ds.tiny_model import build_tiny_model_dir
 
     items = []
@@ -84,8 +86,6 @@ def main() -> None:
     load = os.getloadavg()
     meta = {"load_average_1_5_15": [round(v, 2) for v in load], "items_per_domain": args.items_per_domain, "domains": list(DOMAINS), "threads": args.threads,
             "machine": f"{platform.processor() or platform.machine()}, CPU only", "prompt": "Question: ...\\nAnswer: <choice>"}
-    out = REPO / "bench" / "results"
-    (out / "eval_speed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
         "# MCQ scoring speed (bench/eval_speed.py)",
         "",
@@ -101,8 +101,8 @@ def main() -> None:
     ]
     lines += [f"| {r['model']} | {r['batch_size']} | {r['items']} | {r['seconds']} | {r['items_per_s']} | {r['acc']} | {r['acc_norm']} |" for r in rows]
     if not (smol / "config.json").is_file():
-        lines += ["", f"SmolLM2-135M: not measured (no saved model folder at runs/smollm2 when this ran)."]
-    (out / "eval_speed.md").write_text("\n".join(lines) + "\n")
+        lines += ["", "SmolLM2-135M: not measured (no saved model folder at runs/smollm2 when this ran)."]
+    write_results("eval_speed", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Writes bench/results/expansion.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -35,8 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as qc  # noqa: E402
+from common import write_results  # noqa: E402
 
-from versatune_ds import stats  # noqa: E402
+from versatune_ds.eval import stats  # noqa: E402
 
 METHODS = ("target_only", "target_plus_uniform", "versatune")
 logger = logging.getLogger("expansion")
@@ -149,9 +149,8 @@ def main() -> int:
     }
     qc.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(out, qc.RESULTS / f"{args.results_name}.png")
-    (qc.RESULTS / f"{args.results_name}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     md = markdown(out, args.results_name)
-    (qc.RESULTS / f"{args.results_name}.md").write_text(md, encoding="utf-8")
+    write_results(args.results_name, out, md)
     print(md)
     return 0
 

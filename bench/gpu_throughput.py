@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
+from common import write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "gpu_throughput"
@@ -65,7 +66,7 @@ def write_config(path: Path, model_dir: Path, run_dir: Path, args: argparse.Name
         "eval": {"every": 100000, "at_start": False},
         "checkpoint": {"every": 100000, "keep_last": 1},
         "export": {"at_end": False},
-        "deepspeed": {"config": str(REPO / "ds_configs" / "zero3.json")},
+        "deepspeed": {"config": "zero3"},
         "dist": {"timeout_s": 600},
     }
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -106,14 +107,15 @@ def hf_trainer(config_path: Path, args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from versatune_ds.config import load_config
-    from versatune_ds.data import load_tokenizer, prepare_data
-    from versatune_ds.ds_config import build_ds_config
-    from versatune_ds.packing import collate_rows
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.packing import collate_rows
+    from versatune_ds.data.prepare import prepare_data
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.engine.ds_config import build_ds_config
 
     cfg = load_config(config_path)
-    tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
     rows = [row for d in data.per_domain for row in d.train_rows]
     ds_config = build_ds_config(cfg, 1)
     ds_config.pop("optimizer", None)
@@ -193,8 +195,6 @@ def main() -> int:
             tflops = 6 * non_embedding * result[key]["tokens_per_s"] / 1e12
             result[key]["model_tflops"] = tflops
             result[key]["fraction_of_matmul"] = tflops / peak
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "gpu_throughput.json").write_text(json.dumps(result, indent=2))
     lines = [
         "# GPU throughput (one GPU, ZeRO-3, bf16)", "",
         f"Command: `python bench/gpu_throughput.py --hidden {args.hidden} --layers {args.layers} --seq-len {args.seq_len} "
@@ -209,7 +209,7 @@ def main() -> int:
             lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['model_tflops']:.1f} | {r['fraction_of_matmul']:.1%} |")
     if "ours_over_trainer" in result:
         lines += ["", f"Ours / Trainer: {result['ours_over_trainer']:.3f}"]
-    (RESULTS / "gpu_throughput.md").write_text("\n".join(lines) + "\n")
+    write_results("gpu_throughput", result, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

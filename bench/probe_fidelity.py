@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import yaml
 
-from versatune_ds import probe
-from versatune_ds.classify import TfidfDomainClassifier, evaluate_classifier
-from versatune_ds.config import DEFAULT_DOMAIN_NAMES, load_config
+from versatune_ds.config.loading import load_config
+from versatune_ds.config.schema import DEFAULT_DOMAIN_NAMES
 from versatune_ds.dist import DistEnv
+from versatune_ds.probe import pipeline as probe
+from versatune_ds.probe.classifier import TfidfDomainClassifier, evaluate_classifier
 from versatune_ds.tiny_model import build_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,9 +138,9 @@ def main() -> int:
     probe_seconds = time.perf_counter() - probe_start
 
     # Classifier accuracy on the raw texts it did not train on (same split as the probe used).
-    from versatune_ds.data import domain_texts
+    from versatune_ds.data.prepare import domain_texts
 
-    texts, labels = domain_texts(cfg)
+    texts, labels = domain_texts(cfg.data)
     _, test_ids = probe.heldout_split(np.asarray(labels), probe.HELDOUT_FRACTION, cfg.train.seed)
     raw_set = {t for d in docs for t in d}
     raw_test = [i for i in test_ids if texts[i] in raw_set]

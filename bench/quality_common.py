@@ -7,15 +7,14 @@ run directories afterwards. Public API (kept small so another benchmark can impo
     BaseSettings(...)                                 frozen settings of the controlled base model
     ensure_base(work, settings) -> BaseSetup          pretrain the tiny base on the known skewed mixture (cached)
     write_run_config(path, base, **sections) -> Path  a run config YAML over the base's SFT train / held-out files
-    Job(name, args, log, env) ; run_jobs(jobs, parallel) -> {name: seconds}   CLI subprocesses, N at a time
+    Job, run_jobs, machine_info, versions, read_jsonl   from bench/common.py (re-exported)
     eval_losses(run_dir) -> {step: np.ndarray}        per-domain held-out loss by step (metrics.jsonl)
     trained_tokens(run_dir) -> np.ndarray             tokens trained per domain (metrics.jsonl)
     weight_trajectory(run_dir) -> (steps, weights)    share weights over time (mixture.json)
     mean_std(values) -> (mean, std)                   over seeds (std with ddof=1; 0 for one value)
-    machine_info() -> dict ; versions() -> dict
 
 The base model: a tiny Llama whose BPE tokenizer is trained on all raw + sft text (vocabulary only), then
-pretrained from scratch by helper M's loop (bench/probe_fidelity.py `pretrain`, imported unchanged) on
+pretrained from scratch by the loop in bench/probe_fidelity.py ( `pretrain`, imported unchanged) on
 BOS + document + EOS, documents drawn per domain with probe_fidelity.TRUTH (law 40 %, medicine 20 %,
 finance 15 %, science 10 %, code 10 %, general 5 %). A domain's documents are its raw/ passages plus
 its sft/ rows that are neither SFT training rows nor held-out rows, rendered like the `simple` template
@@ -28,9 +27,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,13 +35,9 @@ from typing import Sequence
 
 import numpy as np
 import yaml
+from common import CLI, DATA, OUT, REPO, RESULTS, Job, machine_info, read_jsonl, run_jobs, versions  # noqa: F401 (re-exported)
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("VERSATUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-OUT = REPO / "bench" / "out"
-RESULTS = REPO / "bench" / "results"
 DOMAINS: tuple[str, ...] = ("law", "medicine", "finance", "science", "code", "general")  # = DEFAULT_DOMAIN_NAMES
-CLI = [sys.executable, "-m", "versatune_ds"]
 
 logger = logging.getLogger("quality_common")
 
@@ -76,10 +68,6 @@ class BaseSetup:
     info: dict = field(default_factory=dict)  # truth, pretraining stats, split sizes
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
-
-
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -103,7 +91,7 @@ def ensure_base(work: Path, settings: BaseSettings) -> BaseSetup:
     if not (DATA / "sft").is_dir():
         raise SystemExit(f"the data bundle is not at {DATA} (set VERSATUNE_SHARED_DATA)")
     sys.path.insert(0, str(REPO / "bench"))
-    import probe_fidelity  # helper M's pretraining loop and truth mixture, reused unchanged
+    import probe_fidelity  # the pretraining loop and truth mixture, reused unchanged
     from transformers import AutoTokenizer
 
     from versatune_ds.tiny_model import build_tiny_model_dir
@@ -168,54 +156,13 @@ def write_run_config(path: Path, base: BaseSetup, **sections: dict) -> Path:
             "truncation": "skip",  # a safety net: rows were chosen to fit, so nothing should be skipped
             "cache_dir": str(OUT / "cache"),
         },
-        "deepspeed": {"config": str(REPO / "ds_configs" / "zero3.json")},
+        "deepspeed": {"config": "zero3"},
     }
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str
-    args: tuple[str, ...]  # after `versatune-ds`
-    log: Path
-    threads: int = 1
-
-
-def run_jobs(jobs: Sequence[Job], parallel: int) -> dict[str, float]:
-    """Run CLI jobs, `parallel` at a time; wall seconds per job. A failing job stops the benchmark (log named)."""
-    pending = list(jobs)
-    running: list[tuple[Job, subprocess.Popen, float, object]] = []
-    seconds: dict[str, float] = {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            job.log.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(job.log, "w", encoding="utf-8")
-            env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
-                   "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-            env.pop("MASTER_PORT", None)  # each job sets dist.master_port itself (parallel single-process runs)
-            process = subprocess.Popen(CLI + list(job.args), stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-            running.append((job, process, time.perf_counter(), handle))
-            logger.info("started %s", job.name)
-        time.sleep(1.0)
-        for item in list(running):
-            job, process, start, handle = item
-            if process.poll() is None:
-                continue
-            handle.close()
-            running.remove(item)
-            if process.returncode != 0:
-                for _, other, _, _ in running:
-                    other.kill()
-                tail = job.log.read_text(errors="replace").splitlines()[-20:]
-                raise SystemExit(f"job {job.name} failed (exit {process.returncode}); log {job.log}:\n" + "\n".join(tail))
-            seconds[job.name] = time.perf_counter() - start
-            logger.info("finished %s in %.0f s", job.name, seconds[job.name])
-    return seconds
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -253,27 +200,6 @@ def mean_std(values: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarr
     array = np.asarray(values, dtype=np.float64)
     std = array.std(axis=0, ddof=1) if array.shape[0] > 1 else np.zeros(array.shape[1:])
     return array.mean(axis=0), std
-
-
-def machine_info() -> dict:
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"nproc": os.cpu_count(), "ram_gib": mem_gib, "platform": platform.platform(),
-            "load_avg_at_end": None if load is None else [round(x, 2) for x in load]}
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "deepspeed", "transformers")},
-            "git_commit": commit}
 
 
 def ensure_probe(base: BaseSetup, *, num_samples: int, max_new_tokens: int, seed: int = 42) -> dict:

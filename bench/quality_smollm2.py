@@ -36,8 +36,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as qc  # noqa: E402
+from common import write_results  # noqa: E402
 
-from versatune_ds import stats  # noqa: E402
+from versatune_ds.eval import stats  # noqa: E402
 
 logger = logging.getLogger("quality_smollm2")
 CONFIG = qc.REPO / "configs" / "shared_data_smollm2.yaml"
@@ -214,9 +215,8 @@ def main() -> int:
     results = summarise(work, args, timings, distribution)
     results["wall_seconds_this_invocation"] = time.perf_counter() - started
     qc.RESULTS.mkdir(parents=True, exist_ok=True)
-    (qc.RESULTS / f"{args.results_name}.json").write_text(json.dumps(results, indent=1))
     plot(results, qc.RESULTS / f"{args.results_name}.png")
-    (qc.RESULTS / f"{args.results_name}.md").write_text(markdown(results, args.results_name))
+    write_results(args.results_name, results, markdown(results, args.results_name))
     print(json.dumps({k: results[k] for k in ("mcq_score", "loss_score")}, indent=1))
     return 0
 

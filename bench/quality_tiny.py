@@ -1,7 +1,7 @@
 """Quality benchmark, tier 1: mixture strategies on a controlled base model whose knowledge is known.
 
 1. Base: a tiny Llama pretrained from scratch on a known skewed mixture of ../shared/data raw/ + sft/
-   text (bench/quality_common.py, reusing helper M's loop in bench/probe_fidelity.py).
+   text (bench/quality_common.py, reusing the loop in bench/probe_fidelity.py).
 2. Probe: `versatune-ds probe` on the base; L1 of the measured distribution vs the truth.
 3. Before: `versatune-ds eval --model <base>` on fixed held-out files (40 sft rows per domain, never trained on).
 4. SFT from the same base, equal token budgets (same steps x micro-batch x packed seq_len), through
@@ -23,7 +23,6 @@ base model and logs under bench/out/ (git-ignored).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_common as qc  # noqa: E402
+from common import write_results  # noqa: E402
 
 from versatune_ds import stats  # noqa: E402
 
@@ -166,9 +166,8 @@ def main() -> int:
     qc.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(out, qc.RESULTS / f"{args.results_name}.png", qc.RESULTS / f"{args.results_name}_weights.png")
     out["interpretation"] = interpret(out)
-    (qc.RESULTS / f"{args.results_name}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     md = markdown(out, args.results_name)
-    (qc.RESULTS / f"{args.results_name}.md").write_text(md, encoding="utf-8")
+    write_results(args.results_name, out, md)
     print(md)
     return 0
 
@@ -233,7 +232,7 @@ def markdown(out: dict, name: str) -> str:
     probe = out["probe"]
     pre = out["base"]["pretraining"]
     header = "| strategy | " + " | ".join(names) + " | S (mean) | vs uniform (S, %) |\n|---|" + "---|" * (len(names) + 2)
-    rows = [f"| base (before) | " + " | ".join(f"{out['base_heldout_loss'][d]:.4f}" for d in names) + f" | {out['base_score']:.4f} | |"]
+    rows = ["| base (before) | " + " | ".join(f"{out['base_heldout_loss'][d]:.4f}" for d in names) + f" | {out['base_score']:.4f} | |"]
     for s in out["strategies"]:
         r = res[s]
         rows.append(f"| {s} | " + " | ".join(f"{r['loss_mean'][d]:.4f} ± {r['loss_std'][d]:.4f}" for d in names)

@@ -25,8 +25,9 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from common import write_results  # noqa: E402
 
-from versatune_ds.sampler import MixtureSampler, MixtureSchedule
+from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 
 DOMAIN_SIZES = [2000] * 6
 WEIGHTS = [0.30, 0.25, 0.15, 0.12, 0.10, 0.08]
@@ -109,8 +110,6 @@ def main() -> None:
         "results": results,
         "maxrss_mib": round(maxrss_mib, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sampler_cost.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Sampler cost",
         "",
@@ -127,7 +126,7 @@ def main() -> None:
             f"| {row['tracemalloc_peak_mib']} |"
         )
     lines += ["", f"Process maxrss: {report['maxrss_mib']} MiB.", ""]
-    (args.out / "sampler_cost.md").write_text("\n".join(lines))
+    write_results("sampler_cost", report, "\n".join(lines), folder=args.out)
     print(f"maxrss_mib {report['maxrss_mib']}")
 
 

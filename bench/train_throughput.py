@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SFT = REPO.parent / "shared" / "data" / "sft"
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
@@ -34,7 +36,7 @@ MICRO, SEQ_LEN, LR = 4, 256, 1e-4
 
 
 def _config(model_dir: str, cache: Path):
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
 
     data_dir = SHARED_SFT if SHARED_SFT.is_dir() else REPO / "data" / "sample"
     return load_config(None, [
@@ -47,7 +49,7 @@ def _config(model_dir: str, cache: Path):
 
 def _batches(cfg, data, env, steps: int):
     """This rank's rows for `steps` global batches, from the sampler with uniform weights."""
-    from versatune_ds.sampler import MixtureSampler, MixtureSchedule
+    from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 
     sampler = MixtureSampler([len(d.train_rows) for d in data.per_domain], seed=0, block_size=64,
                              global_batch_size=MICRO * env.world_size, rank=env.rank, world_size=env.world_size,
@@ -60,16 +62,19 @@ def worker(mode: str, model_dir: str, out_file: str, steps: int, warmup: int) ->
     import torch
 
     from versatune_ds import dist
-    from versatune_ds.data import load_tokenizer, prepare_data
-    from versatune_ds.ds_config import build_ds_config
-    from versatune_ds.engine import TrainEngine, load_model, start_process_group
-    from versatune_ds.packing import collate_rows
+    from versatune_ds.data.packing import collate_rows
+    from versatune_ds.data.prepare import prepare_data
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.dist import start_process_group
+    from versatune_ds.engine.ds_config import build_ds_config
+    from versatune_ds.engine.models import load_model
+    from versatune_ds.engine.train_engine import TrainEngine
 
     env = dist.DistEnv.from_environ()
     cfg = _config(model_dir, REPO / "bench" / "out" / "cache")
     ds_config = build_ds_config(cfg, env.world_size)
-    tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
     start_process_group(env, backend="gloo", timeout_s=600)
     rows = _batches(cfg, data, env, steps)
     local_tokens = [sum(r.num_tokens for r in batch) for batch in rows]
@@ -77,7 +82,7 @@ def worker(mode: str, model_dir: str, out_file: str, steps: int, warmup: int) ->
     collate = lambda batch: collate_rows(batch, pad_token_id=data.pad_token_id, packed=True)  # noqa: E731
     step_ends: list[float] = []
     if mode == "ours":
-        engine = TrainEngine(cfg, load_model(cfg, ds_config), ds_config, total_steps=steps)
+        engine = TrainEngine(cfg.train, load_model(cfg.model, ds_config=ds_config), ds_config, total_steps=steps)
         dist.barrier()
         step_ends.append(time.perf_counter())
         for batch in rows:
@@ -102,7 +107,7 @@ def _hf_trainer(cfg, ds_config: dict, rows, collate, steps: int) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from versatune_ds.engine import resolve_attn_implementation
+    from versatune_ds.engine.models import resolve_attn_implementation
 
     class Rows(torch.utils.data.Dataset):
         """This rank's rows in training order; one batch of MICRO rows per step."""
@@ -214,8 +219,6 @@ def main() -> int:
         summary["ratio_ours_over_hf"] = summary["ours"]["tokens_per_s_median"] / summary["hf"]["tokens_per_s_median"]
         summary["steps"], summary["warmup"] = steps, warmup
         results["models"][name] = summary
-    results_dir = REPO / "bench" / "results"
-    (results_dir / "train_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Training throughput: our ZeRO-3 loop vs HF Trainer (same DeepSpeed config, model, data, batch)", "",
              f"2 ranks x {args.threads} thread(s), gloo on a {os.cpu_count()}-core CPU machine, micro-batch {MICRO} x {SEQ_LEN}-token packed rows, fp32, "
              "shipped ds_configs/zero3.json; tokens/s = non-pad tokens of both ranks per step, median of repeats.", "",
@@ -226,8 +229,7 @@ def main() -> int:
     if args.note:
         lines += ["", args.note]
     results["note"] = args.note
-    (results_dir / "train_throughput.json").write_text(json.dumps(results, indent=2) + "\n")
-    (results_dir / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    write_results("train_throughput", results, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

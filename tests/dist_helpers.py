@@ -183,8 +183,8 @@ def latest_step(run_dir: Path) -> int:
 
 def _tiny_engine_setup(model_dir: str, folder: Path, stage: int, env, *, lr: float = 0.01):
     """(cfg, ds_config) for a TrainEngine on the tiny model: 2 micro-batches of 2 rows per rank and step."""
-    from versatune_ds.config import load_config
-    from versatune_ds.ds_config import build_ds_config
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.engine.ds_config import build_ds_config
 
     ds_path = tiny_ds_config(folder, stage)
     cfg = load_config(None, [
@@ -200,7 +200,7 @@ def _fixed_batches(rank: int, steps: int) -> list[list[dict]]:
     """Per step, this rank's 2 micro-batches (same on every run: seeded by rank and step)."""
     import numpy as np
 
-    from versatune_ds.packing import Example, collate_rows, rows_without_packing
+    from versatune_ds.data.packing import Example, collate_rows, rows_without_packing
 
     out = []
     for step in range(steps):
@@ -215,7 +215,7 @@ def _check_broadcast(env, out_dir: Path) -> None:
     import numpy as np
 
     from versatune_ds import dist
-    from versatune_ds.sampler import MixtureSampler, MixtureSchedule
+    from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 
     sizes, block, world = [50, 7, 300, 23], 32, env.world_size
     sampler = MixtureSampler(sizes, seed=3, block_size=block, global_batch_size=4 * world, rank=env.rank, world_size=world,
@@ -238,15 +238,15 @@ def _worker_engine_checks(model_dir: str, out_dir: str) -> None:
     import gc
 
     import torch
-
-    from versatune_ds import dist
-    from versatune_ds.engine import TrainEngine, load_model, start_process_group
-    from versatune_ds.export import gather_state_dict
-
     from transformers import AutoModelForCausalLM
 
-    from versatune_ds.engine import EvalEngine
-    from versatune_ds.evaluate import row_loss_sums
+    from versatune_ds import dist
+    from versatune_ds.dist import start_process_group
+    from versatune_ds.engine.export import gather_state_dict
+    from versatune_ds.engine.losses import row_loss_sums
+    from versatune_ds.engine.models import load_inference_model, load_model
+    from versatune_ds.engine.train_engine import TrainEngine
+    from versatune_ds.eval.heldout import batch_loss_sums, hf_forward
 
     env = dist.DistEnv.from_environ()
     start_process_group(env, backend="gloo", timeout_s=60)
@@ -269,7 +269,7 @@ def _worker_engine_checks(model_dir: str, out_dir: str) -> None:
     # ZeRO-3 last: its HfDeepSpeedConfig must not be alive while the other models load.
     for stage in (0, 2, 3):
         cfg, ds_config = _tiny_engine_setup(model_dir, Path(out_dir), stage, env)
-        engine = TrainEngine(cfg, load_model(cfg, ds_config), ds_config, total_steps=10)
+        engine = TrainEngine(cfg.train, load_model(cfg.model, ds_config=ds_config), ds_config, total_steps=10)
         handle = engine.module.register_forward_hook(hook)
         snapshots, results = [], []
         for step, micro_batches in enumerate(batches):
@@ -288,8 +288,8 @@ def _worker_engine_checks(model_dir: str, out_dir: str) -> None:
         del engine, snapshots
         gc.collect()
     # A reference model under ZeRO-3 without an optimizer (mixture.reference_model) scores like a plain replica.
-    reference = EvalEngine(cfg, ds_config, model_dir)
-    sums, counts = reference.forward_loss_sums(probe)
+    reference = load_inference_model(cfg.model, env, zero3=True)
+    sums, counts = batch_loss_sums(hf_forward(reference.module, reference.device), probe)
     record = {"eval_sums": sums.tolist(), "replica_sums": replica_sums.double().tolist(),
               "eval_counts": counts.tolist(), "replica_counts": replica_counts.tolist()}
     Path(out_dir, f"eval_engine_rank{env.rank}.json").write_text(json.dumps(record))
@@ -301,24 +301,27 @@ def _worker_export(model_dir: str, out_dir: str) -> None:
     import numpy as np
     import torch
 
-    from versatune_ds import checkpoint, dist
-    from versatune_ds.config import config_to_yaml
-    from versatune_ds.data import load_tokenizer
-    from versatune_ds.engine import TrainEngine, load_model, start_process_group
-    from versatune_ds.export import export_from_engine
+    from versatune_ds import dist
+    from versatune_ds.config.identity import config_to_yaml
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.dist import start_process_group
+    from versatune_ds.engine import checkpoint, resume_checks
+    from versatune_ds.engine.export import export_from_engine
+    from versatune_ds.engine.models import load_model
+    from versatune_ds.engine.train_engine import TrainEngine
 
     env = dist.DistEnv.from_environ()
     cfg, ds_config = _tiny_engine_setup(model_dir, Path(out_dir), 3, env, lr=0.05)
     start_process_group(env, backend="gloo", timeout_s=60)
-    engine = TrainEngine(cfg, load_model(cfg, ds_config), ds_config, total_steps=10)
+    engine = TrainEngine(cfg.train, load_model(cfg.model, ds_config=ds_config), ds_config, total_steps=10)
     for micro_batches in _fixed_batches(env.rank, 2):
         engine.train_step(micro_batches)
     run_dir = Path(cfg.train.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-    checkpoint.save_checkpoint(engine, run_dir, step=2, state=checkpoint.config_state(cfg), keep_last=1, env=env)
-    export_from_engine(engine, load_tokenizer(cfg), run_dir / "final", cfg=cfg, env=env)
+    checkpoint.save_checkpoint(engine, run_dir, step=2, state=resume_checks.config_state(cfg), keep_last=1, env=env)
+    export_from_engine(engine, load_tokenizer(cfg.model), run_dir / "final", cfg=cfg, env=env)
     ids = torch.as_tensor(np.random.default_rng(0).integers(5, 200, size=(2, 24)))
     with engine.eval_mode():
         logits = engine.forward_logits({"input_ids": ids})

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from versatune_ds import checkpoint
-from versatune_ds.config import load_config
+from versatune_ds.config.loading import load_config
 from versatune_ds.dist import DistEnv
+from versatune_ds.engine import checkpoint, resume_checks
 from versatune_ds.errors import UserError
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="single")
@@ -105,31 +105,31 @@ def _cfg(tmp_path: Path, *overrides: str):
 
 
 def test_changed_config_is_refused_listing_the_keys(tmp_path: Path) -> None:
-    state = checkpoint.config_state(_cfg(tmp_path))
-    assert checkpoint.check_config_unchanged(state, _cfg(tmp_path), allow_change=False, where="c") == []
+    state = resume_checks.config_state(_cfg(tmp_path))
+    assert resume_checks.check_config_unchanged(state, _cfg(tmp_path), allow_change=False, where="c") == []
     # Keys that do not change results (logging, checkpoint cadence, run dir) may change.
     same = _cfg(tmp_path, "checkpoint.every=7", "train.log_every=3", "logging.tensorboard=true")
-    assert checkpoint.check_config_unchanged(state, same, allow_change=False, where="c") == []
+    assert resume_checks.check_config_unchanged(state, same, allow_change=False, where="c") == []
     changed = _cfg(tmp_path, "train.learning_rate=0.5", "mixture.block_size=32")
     with pytest.raises(UserError) as error:
-        checkpoint.check_config_unchanged(state, changed, allow_change=False, where="c")
+        resume_checks.check_config_unchanged(state, changed, allow_change=False, where="c")
     message = str(error.value)
     assert "train.learning_rate: 2e-05 -> 0.5" in message and "mixture.block_size: 256 -> 32" in message
     assert "--allow-config-change" in message
-    assert len(checkpoint.check_config_unchanged(state, changed, allow_change=True, where="c")) == 2
+    assert len(resume_checks.check_config_unchanged(state, changed, allow_change=True, where="c")) == 2
 
 
 def test_changed_data_is_refused_naming_the_domain() -> None:
     state = {"domain_names": ["law", "code"], "data_fingerprints": ["aa", "bb"]}
-    checkpoint.check_data_unchanged(state, ["law", "code"], ["aa", "bb"], where="c")
+    resume_checks.check_data_unchanged(state, ["law", "code"], ["aa", "bb"], where="c")
     with pytest.raises(UserError, match=r"domain 'code': its data changed") as error:
-        checkpoint.check_data_unchanged(state, ["law", "code"], ["aa", "XX"], where="c")
+        resume_checks.check_data_unchanged(state, ["law", "code"], ["aa", "XX"], where="c")
     assert "'law'" not in str(error.value)
     with pytest.raises(UserError, match=r"domain 'math' is new; domain 'code' was removed"):
-        checkpoint.check_data_unchanged(state, ["law", "math"], ["aa", "cc"], where="c")
+        resume_checks.check_data_unchanged(state, ["law", "math"], ["aa", "cc"], where="c")
 
 
 def test_another_world_size_is_refused() -> None:
-    checkpoint.check_world_size({"world_size": 2}, 2, where="c")
+    resume_checks.check_world_size({"world_size": 2}, 2, where="c")
     with pytest.raises(UserError, match="written by 2 ranks, this run has 4; resume with 2 ranks"):
-        checkpoint.check_world_size({"world_size": 2}, 4, where="c")
+        resume_checks.check_world_size({"world_size": 2}, 4, where="c")

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from versatune_ds.classify import (
+from versatune_ds.errors import UserError
+from versatune_ds.probe.classifier import (
     TfidfConfig,
     TfidfDomainClassifier,
-    estimate_distribution,
     evaluate_classifier,
     report_from_predictions,
     train_tfidf_classifier,
 )
-from versatune_ds.errors import UserError
+from versatune_ds.probe.estimators import estimate_distribution
 
 # Three domains with disjoint vocabularies; sentences are drawn from them with a seeded generator.
 VOCAB = (
@@ -202,7 +202,7 @@ JUDGE_TEXTS = [
 
 @pytest.mark.parametrize(("chat", "make_model"), [(False, tiny_llama), (True, tiny_llama), (False, tiny_gpt2)])
 def test_judge_probabilities_and_batch_invariance(chat: bool, make_model) -> None:
-    from versatune_ds.judge import LlmJudgeClassifier
+    from versatune_ds.probe.judge import LlmJudgeClassifier
 
     tokenizer = tiny_tokenizer(chat)
     model = make_model(len(tokenizer))
@@ -219,7 +219,7 @@ def test_judge_probabilities_and_batch_invariance(chat: bool, make_model) -> Non
 
 
 def test_judge_uses_label_token_logits() -> None:
-    from versatune_ds.judge import LlmJudgeClassifier
+    from versatune_ds.probe.judge import LlmJudgeClassifier
 
     tokenizer = tiny_tokenizer(chat=False)
     model = tiny_llama(len(tokenizer))
@@ -235,7 +235,7 @@ def test_judge_uses_label_token_logits() -> None:
 
 
 def test_judge_truncates_and_pads_forward_calls() -> None:
-    from versatune_ds.judge import LlmJudgeClassifier
+    from versatune_ds.probe.judge import LlmJudgeClassifier
 
     tokenizer = tiny_tokenizer(chat=False)
     model = tiny_llama(len(tokenizer))
@@ -257,7 +257,7 @@ def test_judge_truncates_and_pads_forward_calls() -> None:
 
 
 def test_judge_rejects_labels_sharing_a_first_token() -> None:
-    from versatune_ds.judge import LlmJudgeClassifier
+    from versatune_ds.probe.judge import LlmJudgeClassifier
 
     tokenizer = tiny_tokenizer(chat=False)  # letters E.. are unknown words -> all map to [UNK]
     model = tiny_llama(len(tokenizer))
@@ -267,7 +267,7 @@ def test_judge_rejects_labels_sharing_a_first_token() -> None:
 
 def test_judge_on_shared_tiny_model_with_bpe(tiny_model_dir) -> None:
     # Byte-level BPE, as real judges use: " A" and "A" are different tokens, and the chat template path is taken.
-    from versatune_ds.judge import LlmJudgeClassifier
+    from versatune_ds.probe.judge import LlmJudgeClassifier
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from versatune_ds.config import (
+from versatune_ds.config.identity import config_diff, config_hash, config_to_dict, config_to_yaml
+from versatune_ds.config.loading import load_config
+from versatune_ds.config.schema import (
     CHOICES,
     DEFAULT_DOMAIN_NAMES,
     NON_NEGATIVE_NUMBERS,
@@ -18,13 +20,8 @@ from versatune_ds.config import (
     UNIT_INTERVAL,
     ConfigError,
     RunConfig,
-    config_diff,
-    config_hash,
-    config_to_dict,
-    config_to_yaml,
-    load_config,
-    validate,
 )
+from versatune_ds.config.validation import validate
 from versatune_ds.errors import UserError
 
 SIX = DEFAULT_DOMAIN_NAMES
@@ -474,7 +471,7 @@ def test_hub_names_and_defaults_stay_as_written(tmp_path: Path, data_dir: Path) 
     path = write(tmp_path, f"model: {{path: HuggingFaceTB/SmolLM2-135M}}\ndata: {{dir: {data_dir}}}\n")
     cfg = load_config(path)
     assert cfg.model.path == "HuggingFaceTB/SmolLM2-135M"
-    assert cfg.deepspeed.config == "ds_configs/zero3.json"  # the default is looked up from the launch directory
+    assert cfg.deepspeed.config == "zero3"  # the default names a shipped DeepSpeed config
 
 
 def test_override_paths_are_relative_to_the_current_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,7 +503,7 @@ def test_defaults_are_the_six_domains_from_data_dir(data_dir: Path) -> None:
     assert SIX == ("law", "medicine", "finance", "science", "code", "general")
     assert [d.train for d in cfg.data.domains] == [(str(data_dir / f"{n}.jsonl"),) for n in SIX]
     assert all(d.format == "auto" and d.heldout == () and d.raw == () for d in cfg.data.domains)
-    assert cfg.deepspeed.config == "ds_configs/zero3.json"
+    assert cfg.deepspeed.config == "zero3"
     assert cfg.mixture.strategy == "versatune"
 
 

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import yaml
 
-from versatune_ds import data, sources
-from versatune_ds.config import load_config
+from versatune_ds.config.loading import load_config
+from versatune_ds.data import prepare as data
+from versatune_ds.data import sources
+from versatune_ds.data.packing import IGNORE_INDEX
+from versatune_ds.data.tokenizer import load_tokenizer
+from versatune_ds.domains import Domains
 from versatune_ds.errors import UserError
-from versatune_ds.packing import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def _decode_loss(tokenizer, ids: np.ndarray, labels: np.ndarray) -> str:
 def test_prepare_counts_and_masks(tmp_path, tokenizer) -> None:
     rows = [_alpaca(i) for i in range(40)]
     cfg = _config(tmp_path, [_domain(tmp_path, "a", rows)], heldout_fraction=0.1)
-    prepared = data.prepare_data(cfg, tokenizer)
+    prepared = data.prepare_data(cfg.data, tokenizer)
     domain = prepared.per_domain[0]
     assert prepared.packed and prepared.pad_token_id == tokenizer.pad_token_id
     assert domain.train_examples == 36 and len(domain.heldout) == 4
@@ -79,7 +82,7 @@ def test_prepare_counts_and_masks(tmp_path, tokenizer) -> None:
 def test_heldout_split_is_fixed_disjoint_and_capped(tmp_path, tokenizer) -> None:
     rows = [_alpaca(i) for i in range(60)]
     cfg = _config(tmp_path, [_domain(tmp_path, "a", rows)], heldout_fraction=0.5, heldout_max_examples=7, packing=False)
-    first = data.prepare_data(cfg, tokenizer).per_domain[0]
+    first = data.prepare_data(cfg.data, tokenizer).per_domain[0]
     assert len(first.heldout) == 7 and first.train_examples == 53
     held = {_decode_loss(tokenizer, e.input_ids, e.labels) for e in first.heldout}
     trained = {_decode_loss(tokenizer, r.input_ids, r.labels) for r in first.train_rows}
@@ -87,7 +90,7 @@ def test_heldout_split_is_fixed_disjoint_and_capped(tmp_path, tokenizer) -> None
     # The same rows with another seq_len and no cache (the split depends on the file contents only).
     other = _config(tmp_path, [_domain(tmp_path, "a", rows)], heldout_fraction=0.5, heldout_max_examples=7, packing=False,
                     cache_dir=str(tmp_path / "other_cache"), seq_len=200)
-    again = data.prepare_data(other, tokenizer).per_domain[0]
+    again = data.prepare_data(other.data, tokenizer).per_domain[0]
     assert {_decode_loss(tokenizer, e.input_ids, e.labels) for e in again.heldout} == held
     assert data.split_heldout(10, 0.0, 5, seed=1)[1].__len__() == 1  # at least one
 
@@ -96,7 +99,7 @@ def test_explicit_heldout_files_and_max_examples(tmp_path, tokenizer) -> None:
     held_file = _write_jsonl(tmp_path / "held.jsonl", [_alpaca(100 + i) for i in range(3)])
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(i) for i in range(20)], heldout=str(held_file))],
                   max_examples_per_domain=5)
-    domain = data.prepare_data(cfg, tokenizer).per_domain[0]
+    domain = data.prepare_data(cfg.data, tokenizer).per_domain[0]
     assert domain.train_examples == 5
     assert sorted(_decode_loss(tokenizer, e.input_ids, e.labels) for e in domain.heldout) == [
         f"answer {100 + i}</s>" for i in range(3)
@@ -116,7 +119,7 @@ def test_json_parquet_folder_and_auto_format(tmp_path, tokenizer) -> None:
     messages = [{"messages": [{"role": "user", "content": f"yo {i}"}, {"role": "assistant", "content": f"answer {i}"}]} for i in range(12, 16)]
     _write_jsonl(folder / "d.jsonl", messages)
     cfg = _config(tmp_path, [{"name": "a", "train": str(folder)}], heldout_max_examples=1, packing=False)
-    domain = data.prepare_data(cfg, tokenizer).per_domain[0]
+    domain = data.prepare_data(cfg.data, tokenizer).per_domain[0]
     answers = {_decode_loss(tokenizer, r.input_ids, r.labels) for r in domain.train_rows} | {
         _decode_loss(tokenizer, e.input_ids, e.labels) for e in domain.heldout
     }
@@ -131,8 +134,8 @@ def test_json_list_rows_keep_line_numbers(tmp_path) -> None:
 
 def test_packing_off_gives_one_example_per_row(tmp_path, tokenizer) -> None:
     rows = [_alpaca(i) for i in range(30)]
-    packed = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)]), tokenizer).per_domain[0]
-    plain = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)], packing=False), tokenizer).per_domain[0]
+    packed = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)]).data, tokenizer).per_domain[0]
+    plain = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)], packing=False).data, tokenizer).per_domain[0]
     assert len(plain.train_rows) == plain.train_examples > len(packed.train_rows)
     assert packed.train_tokens == plain.train_tokens and packed.fingerprint != plain.fingerprint
 
@@ -143,41 +146,41 @@ def test_packing_off_gives_one_example_per_row(tmp_path, tokenizer) -> None:
 
 def test_second_prepare_hits_the_cache(tmp_path, tokenizer, monkeypatch, caplog) -> None:
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(i) for i in range(20)])])
-    first = data.prepare_data(cfg, tokenizer)
+    first = data.prepare_data(cfg.data, tokenizer)
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again although the cache holds this domain")
 
     monkeypatch.setattr(data, "tokenize_records", fail)
     with caplog.at_level(logging.INFO, logger="versatune_ds.data"):
-        second = data.prepare_data(cfg, tokenizer)
+        second = data.prepare_data(cfg.data, tokenizer)
     assert "cache hit" in caplog.text
     a, b = first.per_domain[0], second.per_domain[0]
     assert a.fingerprint == b.fingerprint and a.train_tokens == b.train_tokens
     assert all(np.array_equal(x.input_ids, y.input_ids) for x, y in zip(a.train_rows, b.train_rows))
     # A setting that changes the tokens misses the cache.
     with pytest.raises(AssertionError, match="tokenized again"):
-        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(i) for i in range(20)])], seq_len=128), tokenizer)
+        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(i) for i in range(20)])], seq_len=128).data, tokenizer)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
 
 
 def test_concurrent_prepares_agree(tmp_path, tokenizer) -> None:
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(i) for i in range(30)])])
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: data.prepare_data(cfg, tokenizer), range(3)))
+        results = list(pool.map(lambda _: data.prepare_data(cfg.data, tokenizer), range(3)))
     fingerprints = {r.per_domain[0].fingerprint for r in results}
     tokens = {r.per_domain[0].train_tokens for r in results}
     assert len(fingerprints) == 1 and len(tokens) == 1
     files = list((tmp_path / "cache" / "tokenized").iterdir())
     assert len(files) == 1 and files[0].suffix == ".npz"
-    assert data.prepare_data(cfg, tokenizer).per_domain[0].train_tokens == tokens.pop()
+    assert data.prepare_data(cfg.data, tokenizer).per_domain[0].train_tokens == tokens.pop()
 
 
 def test_num_proc_gives_the_same_tokens(tmp_path, tokenizer) -> None:
     rows = [_alpaca(i) for i in range(140)]
-    one = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)]), tokenizer).per_domain[0]
+    one = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)]).data, tokenizer).per_domain[0]
     two = data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)], num_proc=2,
-                                    cache_dir=str(tmp_path / "cache2")), tokenizer).per_domain[0]
+                                    cache_dir=str(tmp_path / "cache2")).data, tokenizer).per_domain[0]
     assert one.fingerprint == two.fingerprint
     assert [r.input_ids.tolist() for r in one.train_rows] == [r.input_ids.tolist() for r in two.train_rows]
     assert [r.labels.tolist() for r in one.train_rows] == [r.labels.tolist() for r in two.train_rows]
@@ -190,14 +193,14 @@ def test_num_proc_gives_the_same_tokens(tmp_path, tokenizer) -> None:
 def test_truncation_policies(tmp_path, tokenizer) -> None:
     rows = [_alpaca(i) for i in range(10)] + [{"instruction": "long", "output": "word " * 200}]
     with pytest.raises(UserError, match=r"a\.jsonl:11: the example has \d+ tokens, more than data.seq_len=64.*data.truncation=truncate"):
-        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)], seq_len=64, heldout_max_examples=1), tokenizer)
+        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows)], seq_len=64, heldout_max_examples=1).data, tokenizer)
     skipped = data.prepare_data(
         _config(tmp_path, [_domain(tmp_path, "a", rows, heldout=str(_write_jsonl(tmp_path / "h.jsonl", [_alpaca(99)])))],
-                seq_len=64, truncation="skip"), tokenizer
+                seq_len=64, truncation="skip").data, tokenizer
     ).per_domain[0]
     assert skipped.train_examples == 10 and list(skipped.skipped.values()) == [1]
     truncated = data.prepare_data(
-        _config(tmp_path, [_domain(tmp_path, "a", rows, heldout=str(tmp_path / "h.jsonl"))], seq_len=64, truncation="truncate"),
+        _config(tmp_path, [_domain(tmp_path, "a", rows, heldout=str(tmp_path / "h.jsonl"))], seq_len=64, truncation="truncate").data,
         tokenizer,
     ).per_domain[0]
     assert truncated.train_examples == 11 and max(r.num_tokens for r in truncated.train_rows) <= 64
@@ -210,23 +213,23 @@ def test_truncation_policies(tmp_path, tokenizer) -> None:
 def test_malformed_json_line(tmp_path, tokenizer) -> None:
     domain = _domain(tmp_path, "a", [_alpaca(0), '{"instruction": "x", "output": ', _alpaca(2), _alpaca(3)])
     with pytest.raises(UserError, match=r"a\.jsonl:2: not valid JSON .*data.on_bad_row=skip"):
-        data.prepare_data(_config(tmp_path, [domain]), tokenizer)
+        data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
 
 
 def test_row_missing_a_field(tmp_path, tokenizer) -> None:
     domain = _domain(tmp_path, "a", [_alpaca(0), _alpaca(1), {"instruction": "x", "output": "y"}, {"instruction": "no output"}])
     with pytest.raises(UserError, match=r"a\.jsonl:4: missing required field 'output'"):
-        data.prepare_data(_config(tmp_path, [domain]), tokenizer)
+        data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
     domain = _domain(tmp_path, "b", [_alpaca(0), _alpaca(1), {"instruction": "x", "output": 7}])
     with pytest.raises(UserError, match=r"b\.jsonl:3: field 'output' must be a string"):
-        data.prepare_data(_config(tmp_path, [domain]), tokenizer)
+        data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
 
 
 def test_bad_rows_skipped_are_counted_and_logged(tmp_path, tokenizer, caplog) -> None:
     rows = [_alpaca(i) for i in range(6)] + ["not json", {"instruction": "no output"}, b"\xff\xfe".decode("latin-1")]
     domain = _domain(tmp_path, "a", rows)
     with caplog.at_level(logging.WARNING, logger="versatune_ds.data"):
-        result = data.prepare_data(_config(tmp_path, [domain], on_bad_row="skip"), tokenizer).per_domain[0]
+        result = data.prepare_data(_config(tmp_path, [domain], on_bad_row="skip").data, tokenizer).per_domain[0]
     assert result.skipped == {domain["train"]: 3}
     assert result.train_examples + len(result.heldout) == 6
     assert "skipped 3 row(s)" in caplog.text and "a.jsonl" in caplog.text
@@ -236,52 +239,52 @@ def test_empty_domain(tmp_path, tokenizer) -> None:
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"data.domains\[1\].train: domain 'b' has no usable rows"):
         data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0), _alpaca(1)]),
-                                             {"name": "b", "train": str(tmp_path / "empty.jsonl")}]), tokenizer)
+                                             {"name": "b", "train": str(tmp_path / "empty.jsonl")}]).data, tokenizer)
 
 
 def test_all_rows_bad_and_skipped_is_an_empty_domain(tmp_path, tokenizer) -> None:
     rows = [_alpaca(0), {"instruction": "no output"}, "not json"]
     with pytest.raises(UserError, match=r"has no usable rows .*\(2 skipped\)"):
-        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows[1:], format="alpaca")], on_bad_row="skip"), tokenizer)
+        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows[1:], format="alpaca")], on_bad_row="skip").data, tokenizer)
 
 
 def test_format_that_does_not_match(tmp_path, tokenizer) -> None:
     chat = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
     mixed = _domain(tmp_path, "m", [_alpaca(0), _alpaca(1), chat])
     with pytest.raises(UserError, match=r"m\.jsonl:3: the row does not match the file's format alpaca"):
-        data.prepare_data(_config(tmp_path, [mixed]), tokenizer)
+        data.prepare_data(_config(tmp_path, [mixed]).data, tokenizer)
     domain = _domain(tmp_path, "a", [_alpaca(0), _alpaca(1)], format="sharegpt")
     with pytest.raises(UserError, match=r"a\.jsonl:1: data.domains\[0\].format is 'sharegpt' but the rows look like alpaca"):
-        data.prepare_data(_config(tmp_path, [domain]), tokenizer)
+        data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
     unknown = _domain(tmp_path, "b", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match=r"b\.jsonl:1: cannot tell the row format .*set data.domains\[0\].format"):
-        data.prepare_data(_config(tmp_path, [unknown]), tokenizer)
+        data.prepare_data(_config(tmp_path, [unknown]).data, tokenizer)
 
 
 def test_non_utf8_file(tmp_path, tokenizer) -> None:
     path = tmp_path / "a.jsonl"
     path.write_bytes(json.dumps(_alpaca(0)).encode() + b"\n" + '{"instruction": "caf\xe9", "output": "x"}'.encode("latin-1") + b"\n")
     with pytest.raises(UserError, match=r"a\.jsonl:2: not UTF-8 text \(byte 0xe9 .*save the file as UTF-8"):
-        data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(path)}]), tokenizer)
+        data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(path)}]).data, tokenizer)
     json_path = tmp_path / "b.json"
     json_path.write_bytes(b'[\n{"instruction": "caf\xe9", "output": "x"}\n]')
     with pytest.raises(UserError, match=r"b\.json:2: not UTF-8 text"):
-        data.prepare_data(_config(tmp_path, [{"name": "b", "train": str(json_path)}]), tokenizer)
+        data.prepare_data(_config(tmp_path, [{"name": "b", "train": str(json_path)}]).data, tokenizer)
 
 
 def test_domain_with_no_heldout_data(tmp_path, tokenizer) -> None:
     with pytest.raises(UserError, match=r"data.domains\[0\]: domain 'a' has no held-out data: 1 row\(s\).*heldout files"):
-        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0)])]), tokenizer)
+        data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0)])]).data, tokenizer)
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     domain = _domain(tmp_path, "b", [_alpaca(0), _alpaca(1)], heldout=str(tmp_path / "empty.jsonl"))
     with pytest.raises(UserError, match=r"data.domains\[0\].heldout: domain 'b' has no held-out data"):
-        data.prepare_data(_config(tmp_path, [domain]), tokenizer)
+        data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
 
 
 def test_unknown_source_kind_and_missing_folder_files(tmp_path, tokenizer) -> None:
     (tmp_path / "rows.csv").write_text("a,b\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"data.domains\[0\].train\[0\]: .*rows.csv is not a .jsonl, .json, .parquet file"):
-        data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(tmp_path / "rows.csv")}]), tokenizer)
+        data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(tmp_path / "rows.csv")}]).data, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,33 +300,33 @@ def test_load_tokenizer_sets_pad_and_passes_options(tmp_path, tiny_model_dir, mo
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0), _alpaca(1)])])
     cfg = type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(path=str(tmp_path / "tok"))})
     with caplog.at_level(logging.INFO, logger="versatune_ds.data"):
-        loaded = data.load_tokenizer(cfg)
+        loaded = load_tokenizer(cfg.model)
     assert loaded.pad_token == loaded.eos_token == "</s>" and "padding with its eos" in caplog.text
     seen = {}
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name, **kw: seen.update(name=name, **kw) or loaded)
-    data.load_tokenizer(type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(path="m", gguf_file="m.gguf", trust_remote_code=True)}))
+    load_tokenizer(type(cfg.model)(path="m", gguf_file="m.gguf", trust_remote_code=True))
     assert seen == {"name": "m", "gguf_file": "m.gguf", "trust_remote_code": True}
     with pytest.raises(UserError, match="model.path: cannot load a tokenizer"):
         monkeypatch.undo()
-        data.load_tokenizer(type(cfg)(**{**cfg.__dict__, "model": type(cfg.model)(path=str(tmp_path / "nothing"))}))
+        load_tokenizer(type(cfg.model)(path=str(tmp_path / "nothing")))
 
 
 def test_domain_texts(tmp_path) -> None:
     raw = _write_jsonl(tmp_path / "raw.jsonl", [{"text": "raw passage"}, {"text": "  "}])
     chats = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}]
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(raw)), _domain(tmp_path, "b", chats)])
-    texts, ids = data.domain_texts(cfg)
+    texts, ids = data.domain_texts(cfg.data)
     assert texts == ["Question number 1?\n\ncontext\nanswer 1", "raw passage", "S\nU\nA"]
     assert ids == [0, 0, 1]
     bad_raw = _write_jsonl(tmp_path / "bad_raw.jsonl", [{"body": "x"}])
     with pytest.raises(UserError, match=r"bad_raw\.jsonl:1: a raw text row needs a string field 'text'"):
-        data.domain_texts(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(bad_raw))]))
+        data.domain_texts(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(bad_raw))]).data)
 
 
 def test_tokenize_sft_file(tmp_path, tokenizer) -> None:
     path = _write_jsonl(tmp_path / "eval.jsonl", [_alpaca(i) for i in range(5)])
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0), _alpaca(1)])])
-    examples = data.tokenize_sft_file(str(path), tokenizer, cfg, domain_id=3)
+    examples = data.tokenize_sft_file(str(path), tokenizer, cfg.data, Domains(tuple("abcd")), domain_id=3)
     assert [e.index for e in examples] == list(range(5)) and {e.domain_id for e in examples} == {3}
     assert [_decode_loss(tokenizer, e.input_ids, e.labels) for e in examples] == [f"answer {i}</s>" for i in range(5)]
 

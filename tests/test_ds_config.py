@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from versatune_ds.config import load_config
-from versatune_ds.ds_config import DS_CONFIG_DIR, build_ds_config, load_ds_json, resolve_ds_config_path
+from versatune_ds.config.loading import load_config
+from versatune_ds.engine.ds_config import build_ds_config, load_ds_json, resolve_ds_config_path
 from versatune_ds.errors import UserError
+from versatune_ds.resources import shipped_path
+
+DS_CONFIG_DIR = shipped_path("ds_configs")
 
 SHIPPED = ("zero2.json", "zero3.json", "zero3_offload.json", "zero3_offload_nvme.json")
 
@@ -93,13 +96,14 @@ def test_nvme_placeholder_must_be_set(tmp_path: Path) -> None:
 
 
 def test_path_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_ds_config_path("zero3.json") == DS_CONFIG_DIR / "zero3.json"  # bare name: the repo's ds_configs/
+    assert resolve_ds_config_path("zero3.json") == DS_CONFIG_DIR / "zero3.json"  # bare name: the shipped ds_configs/
+    assert resolve_ds_config_path("zero3") == DS_CONFIG_DIR / "zero3.json"  # ... with or without .json
     monkeypatch.chdir(tmp_path)
-    assert resolve_ds_config_path("ds_configs/zero2.json") == DS_CONFIG_DIR / "zero2.json"  # falls back to the repo root
+    assert resolve_ds_config_path("ds_configs/zero2.json") == DS_CONFIG_DIR / "zero2.json"  # falls back to the shipped files
     (tmp_path / "ds_configs").mkdir()
     (tmp_path / "ds_configs" / "zero2.json").write_text("{}")
     assert resolve_ds_config_path("ds_configs/zero2.json") == tmp_path / "ds_configs" / "zero2.json"  # cwd first
-    with pytest.raises(UserError, match=r"file not found: nope\.json .*zero3\.json"):
+    with pytest.raises(UserError, match=r"file not found: nope\.json .*zero3"):
         resolve_ds_config_path("nope.json")
 
 

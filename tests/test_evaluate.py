@@ -8,16 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from versatune_ds.data.packing import IGNORE_INDEX, Example
 from versatune_ds.dist import DistEnv
-from versatune_ds.evaluate import (
-    DomainLosses,
-    evaluate_domain_losses,
-    hf_forward,
-    lockstep_num_batches,
-    rank_rows,
-    row_loss_sums,
-)
-from versatune_ds.packing import IGNORE_INDEX, Example
+from versatune_ds.engine.losses import row_loss_sums
+from versatune_ds.eval.heldout import DomainLosses, evaluate_domain_losses, hf_forward, lockstep_num_batches, rank_rows
 
 torch = pytest.importorskip("torch")
 
@@ -187,11 +181,11 @@ def test_lockstep_count():
 def run_eval(argv: list[str]) -> int:
     import argparse
 
-    from versatune_ds import evaluate
+    from versatune_ds.commands import eval as eval_command
 
     parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    return evaluate.run_command(parser.parse_args(argv))
+    eval_command.add_arguments(parser)
+    return eval_command.run(parser.parse_args(argv))
 
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -208,7 +202,7 @@ def write_mcq(path: Path, n: int) -> Path:
 def test_eval_command_writes_results(tmp_path, tiny_model_dir, tiny):
     import json
 
-    from versatune_ds.mcq import load_mcq_file, mcq_accuracy, score_mcq
+    from versatune_ds.eval.mcq import load_mcq_file, mcq_accuracy, score_mcq
 
     if not (SAMPLE / "law.jsonl").is_file():
         pytest.skip("data/sample/law.jsonl not in the repo yet")
@@ -265,9 +259,3 @@ def test_eval_command_user_errors(tmp_path, argv, message):
         run_eval(argv)
 
 
-def test_command_module_imports_no_torch():
-    import subprocess
-    import sys
-
-    code = "import sys, versatune_ds.evaluate; bad = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]; sys.exit(1 if bad else 0)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -27,13 +27,13 @@ WORKER = textwrap.dedent(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from versatune_ds import dist
-    from versatune_ds.evaluate import evaluate_domain_losses, hf_forward
-    from versatune_ds.mcq import McqItem, score_mcq
-    from versatune_ds.packing import Example
+    from versatune_ds.eval.heldout import evaluate_domain_losses, hf_forward
+    from versatune_ds.eval.mcq import McqItem, score_mcq
+    from versatune_ds.data.packing import Example
 
     model_dir, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
     env = dist.DistEnv.from_environ()
-    dist.init_distributed(env, backend="gloo", timeout_s=60)
+    dist.start_process_group(env, backend="gloo", timeout_s=60)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = ["The court held that the clause was void.", "The patient had a fever.", "def f(x):\\n    return x * 2",
              "Revenue rose 12 percent.", "Light energy becomes chemical energy.", "Write a poem about the sea."]

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dist_helpers import THIS_FILE, launch
 
 
 def test_write_folder_replaces_atomically(tmp_path: Path) -> None:
-    from versatune_ds.export import _write_folder
+    from versatune_ds.files import write_folder_atomic as _write_folder
 
     out = tmp_path / "final"
-    _write_folder(out, lambda tmp: (tmp.mkdir(), (tmp / "a.txt").write_text("1")))
-    _write_folder(out, lambda tmp: (tmp.mkdir(), (tmp / "b.txt").write_text("2")))
+    _write_folder(out, lambda tmp: (tmp / "a.txt").write_text("1"))
+    _write_folder(out, lambda tmp: (tmp / "b.txt").write_text("2"))
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no temporary folders left behind
 

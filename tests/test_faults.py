@@ -248,13 +248,13 @@ def _env():
 
 
 def _save(run_dir: Path, step: int, engine: _FakeEngine | None = None, keep_last: int = 2) -> Path:
-    from versatune_ds import checkpoint
+    from versatune_ds.engine import checkpoint
 
     return checkpoint.save_checkpoint(engine or _FakeEngine(), run_dir, step=step, state={}, keep_last=keep_last, env=_env())
 
 
 def test_truncated_or_missing_shard_falls_back_to_the_previous_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from versatune_ds import checkpoint
+    from versatune_ds.engine import checkpoint
     from versatune_ds.errors import UserError
 
     first, second = _save(tmp_path, 2), _save(tmp_path, 4)
@@ -276,7 +276,7 @@ def test_truncated_or_missing_shard_falls_back_to_the_previous_checkpoint(tmp_pa
 
 
 def test_missing_or_dangling_latest_is_reported_and_the_newest_complete_one_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from versatune_ds import checkpoint
+    from versatune_ds.engine import checkpoint
 
     _save(tmp_path, 2)
     newest = _save(tmp_path, 4)
@@ -293,7 +293,7 @@ def test_missing_or_dangling_latest_is_reported_and_the_newest_complete_one_used
 
 
 def test_failed_save_keeps_the_previous_checkpoint_and_names_the_file(tmp_path: Path) -> None:
-    from versatune_ds import checkpoint
+    from versatune_ds.engine import checkpoint
     from versatune_ds.errors import UserError
 
     previous = _save(tmp_path, 2, keep_last=1)
@@ -310,7 +310,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_names_the_file(tmp_path: 
 
 
 def test_saving_never_deletes_before_the_newer_checkpoint_is_complete(tmp_path: Path) -> None:
-    from versatune_ds import checkpoint
+    from versatune_ds.engine import checkpoint
 
     _save(tmp_path, 2, keep_last=1)
     with pytest.raises(Exception):
@@ -322,7 +322,7 @@ def test_saving_never_deletes_before_the_newer_checkpoint_is_complete(tmp_path: 
 
 def test_checkpoints_of_an_abandoned_future_are_dropped_once_a_new_one_is_complete(tmp_path: Path) -> None:
     """Resuming from an older checkpoint by name, then saving, must not let `--resume auto` jump back later."""
-    from versatune_ds import checkpoint
+    from versatune_ds.engine import checkpoint
 
     for step in (2, 4, 6):
         _save(tmp_path, step, keep_last=5)
@@ -339,7 +339,7 @@ def _poison_and_run(poison_step: int, poison_rank: int, value: str, argv: list[s
     """Make the training loss of step `poison_step` (1-based, counted from this process's start) non-finite on one rank."""
     import torch
 
-    import versatune_ds.engine as engine_module
+    import versatune_ds.engine.train_engine as engine_module
     from versatune_ds import cli
 
     rank = int(os.environ.get("RANK", "0"))
@@ -375,7 +375,7 @@ def _poisoned_run(config: Path, logs: Path, *, step: int, value: str) -> tuple[l
 
 
 def _weights(folder: Path) -> dict:
-    from versatune_ds.export import consolidate_checkpoint
+    from versatune_ds.engine.export import consolidate_checkpoint
 
     return consolidate_checkpoint(folder)
 
@@ -456,8 +456,9 @@ def _write_sft(path: Path, rows: int) -> Path:
 
 
 def test_empty_heldout_file_is_refused_naming_the_domain(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from versatune_ds.config import load_config
-    from versatune_ds.data import load_tokenizer, prepare_data
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.prepare import prepare_data
+    from versatune_ds.data.tokenizer import load_tokenizer
     from versatune_ds.errors import UserError
 
     empty = tmp_path / "code_heldout.jsonl"
@@ -466,19 +467,20 @@ def test_empty_heldout_file_is_refused_naming_the_domain(tmp_path: Path, tiny_mo
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                              f"data.domains=[{{name: law, train: [{law}]}}, {{name: code, train: [{code}], heldout: [{empty}]}}]"])
     with pytest.raises(UserError, match=r"domain 'code' has no held-out data"):
-        prepare_data(cfg, load_tokenizer(cfg))
+        prepare_data(cfg.data, load_tokenizer(cfg.model))
 
 
 def test_too_few_rows_for_a_heldout_split_is_refused_naming_the_domain(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from versatune_ds.config import load_config
-    from versatune_ds.data import load_tokenizer, prepare_data
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.prepare import prepare_data
+    from versatune_ds.data.tokenizer import load_tokenizer
     from versatune_ds.errors import UserError
 
     law, code = _write_sft(tmp_path / "law.jsonl", 12), _write_sft(tmp_path / "code.jsonl", 1)
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.cache_dir={tmp_path / 'cache'}",
                              f"data.domains=[{{name: law, train: [{law}]}}, {{name: code, train: [{code}]}}]"])
     with pytest.raises(UserError, match=r"domain 'code'"):
-        prepare_data(cfg, load_tokenizer(cfg))
+        prepare_data(cfg.data, load_tokenizer(cfg.model))
 
 
 @pytest.mark.parametrize(("losses", "expected"), [
@@ -487,7 +489,7 @@ def test_too_few_rows_for_a_heldout_split_is_refused_naming_the_domain(tmp_path:
     ("{law: 2.0, code: -1}", r"mixture\.reference_losses\.code"),
 ])
 def test_zero_or_missing_reference_loss_is_refused_naming_the_domain(tmp_path: Path, losses: str, expected: str) -> None:
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
     from versatune_ds.errors import UserError
 
     law, code = _write_sft(tmp_path / "law.jsonl", 4), _write_sft(tmp_path / "code.jsonl", 4)
@@ -500,7 +502,7 @@ class _Data:
     """The few PreparedData fields the weight policy reads."""
 
     def __init__(self, sizes: list[int]) -> None:
-        from versatune_ds.packing import Example, rows_without_packing
+        from versatune_ds.data.packing import Example, rows_without_packing
 
         self.per_domain = []
         for domain_id, size in enumerate(sizes):
@@ -509,16 +511,16 @@ class _Data:
 
 
 def _policy(tmp_path: Path, *overrides: str, evaluate_model=None):  # type: ignore[no-untyped-def]
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
     from versatune_ds.dist import DistEnv
     from versatune_ds.domains import Domains
-    from versatune_ds.weighting import build_weight_policy
+    from versatune_ds.mixture.build import build_weight_policy
 
     law, code = _write_sft(tmp_path / "law.jsonl", 4), _write_sft(tmp_path / "code.jsonl", 4)
     cfg = load_config(None, [f"model.path={tmp_path}", f"data.domains=[{{name: law, train: [{law}]}}, {{name: code, train: [{code}]}}]",
                              "mixture.strategy=versatune", *overrides])
     env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="single")
-    return build_weight_policy(cfg, Domains(("law", "code")), _Data([10, 10]), None, env,
+    return build_weight_policy(cfg.mixture, Domains(("law", "code")), _Data([10, 10]), None, env,
                                initial_distribution=[0.5, 0.5], evaluate_model=evaluate_model)
 
 

@@ -63,7 +63,7 @@ def _losses(run_dir: Path) -> list[float]:
 def test_auto_attention_and_dtype_pick_the_gpu_paths() -> None:
     from transformers.utils import is_flash_attn_2_available
 
-    from versatune_ds.engine import resolve_attn_implementation, torch_dtype
+    from versatune_ds.engine.models import resolve_attn_implementation, torch_dtype
 
     expected = "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
     assert resolve_attn_implementation("auto") == expected
@@ -74,7 +74,7 @@ def test_packed_rows_match_examples_alone_on_gpu(tiny_model_dir: Path) -> None:
     """The packing equivalence of tests/test_packing.py, on CUDA kernels (sdpa), in fp32 and bf16."""
     from transformers import AutoModelForCausalLM
 
-    from versatune_ds.packing import Example, collate_rows, pack_examples
+    from versatune_ds.data.packing import Example, collate_rows, pack_examples
 
     rng = np.random.default_rng(0)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dist_helpers import write_run_config
 from slurm_cluster import free_port, write_standin_package
 

@@ -10,8 +10,8 @@ import pytest
 
 from versatune_ds.dist import DistEnv
 from versatune_ds.errors import UserError
-from versatune_ds.evaluate import hf_forward
-from versatune_ds.mcq import (
+from versatune_ds.eval.heldout import hf_forward
+from versatune_ds.eval.mcq import (
     ItemScore,
     McqItem,
     PromptFormat,

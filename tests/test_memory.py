@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from versatune_ds.memory import ModelSize, count_parameters, estimate_memory
+from versatune_ds.engine.memory import ModelSize, count_parameters, estimate_memory
 
 LLAMA3_70B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
@@ -72,12 +72,12 @@ def test_missing_model_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFix
 def test_preflight_warns_when_the_machine_is_too_small(llama70b: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
     from versatune_ds.dist import DistEnv
-    from versatune_ds.memory import preflight_warning
+    from versatune_ds.engine.memory import preflight_warning
 
     cfg = load_config(None, [f"model.path={llama70b}", f"data.domains=[{{name: a, train: [{llama70b / 'config.json'}]}}]"])
     env = DistEnv(rank=0, world_size=2, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="torch")
-    with caplog.at_level(logging.WARNING, logger="versatune_ds.memory"):
+    with caplog.at_level(logging.WARNING, logger="versatune_ds.engine.memory"):
         message = preflight_warning(cfg, {"zero_optimization": {"stage": 3}}, env)
     assert message is not None and "looks too small" in message and "70.55B parameters" in message

@@ -10,16 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from versatune_ds.errors import UserError
-from versatune_ds.mixture import (
+from versatune_ds.mixture.composition import (
     MixtureError,
-    UpdateRule,
     apply_floor,
-    expansion_target_share,
-    expansion_weights,
-    forgetting_degree,
     initial_weights,
     item_weights_from_token_weights,
     largest_remainder_counts,
+)
+from versatune_ds.mixture.rules import (
+    UpdateRule,
+    expansion_target_share,
+    expansion_weights,
+    forgetting_degree,
     learnable_potential,
     update_weights,
 )

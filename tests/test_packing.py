@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from versatune_ds.packing import (
+from versatune_ds.data.packing import (
     IGNORE_INDEX,
     Example,
     collate_rows,

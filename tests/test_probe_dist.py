@@ -31,24 +31,26 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from versatune_ds import dist
-    from versatune_ds import probe_generation as gen
-    from versatune_ds.config import load_config
-    from versatune_ds.data import load_tokenizer
+    from versatune_ds.probe import generation as gen
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.tokenizer import load_tokenizer
     from versatune_ds.domains import Domains
-    from versatune_ds.packing import Row
-    from versatune_ds.weighting import build_weight_policy
+    from versatune_ds.data.packing import Row
+    from versatune_ds.engine.models import load_inference_model
+    from versatune_ds.mixture.build import build_weight_policy
 
     mode, model_dir, out_dir, sample = sys.argv[1:5]
     env = dist.DistEnv.from_environ()
-    dist.init_distributed(env, backend="gloo", timeout_s=60)
+    dist.start_process_group(env, backend="gloo", timeout_s=60)
     cfg = load_config(None, [
         f"model.path={model_dir}", f"data.dir={sample}", "probe.num_samples=%d", "probe.batch_size=%d",
         "probe.max_new_tokens=%d", f"probe.mode={mode}", "mixture.strategy=versatune", "mixture.eta=2.0",
         *[f"mixture.reference_losses.{n}={0.5 + 0.1 * i}" for i, n in enumerate(
             ["law", "medicine", "finance", "science", "code", "general"])],
     ])
-    tokenizer = load_tokenizer(cfg)
-    model, keep = gen.load_probe_model(cfg, env, cfg.model.path, zero3=mode == "zero3")
+    tokenizer = load_tokenizer(cfg.model)
+    loaded = load_inference_model(cfg.model, env, zero3=mode == "zero3")  # keep it alive while `model` is used
+    model = loaded.module
     calls = []
     original = model.generate
     def counting_generate(*args, **kwargs):
@@ -72,7 +74,7 @@ WORKER = textwrap.dedent(
     rows = lambda d, n: [Row(d, np.arange(n), np.arange(n), np.arange(n), (0,)) for _ in range(3)]
     data = Data(tuple(DomainData(rows(d, 10 + 5 * d), 3, 3 * (10 + 5 * d)) for d in range(6)))
     domains = Domains(cfg.domain_names)
-    policy = build_weight_policy(cfg, domains, data, out_dir if env.is_main else None, env,
+    policy = build_weight_policy(cfg.mixture, domains, data, out_dir if env.is_main else None, env,
                                  initial_distribution=np.full(6, 1 / 6))
     weights = []
     for step, losses in enumerate([[3.0, 2.0, 2.5, 1.0, 4.0, 2.2], [2.9, 2.4, 2.0, 1.1, 3.0, 2.6]]):
@@ -96,9 +98,9 @@ WORKER = textwrap.dedent(
 def eos_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with EOS likely only where one hidden coordinate is large: varied stop lengths."""
     import torch
+    from conftest import TOKENIZER_TEXTS
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import TOKENIZER_TEXTS
     from versatune_ds.tiny_model import build_tiny_model_dir
 
     out = build_tiny_model_dir(tmp_path_factory.mktemp("eos_model"), TOKENIZER_TEXTS, seed=1)
@@ -125,15 +127,17 @@ def _run(mode: str, model_dir: Path, out: Path) -> dict:
 
 
 def _single_rank_generations(model_dir: Path, out: Path) -> list[dict]:
-    from versatune_ds import probe_generation as gen
-    from versatune_ds.config import load_config
-    from versatune_ds.data import load_tokenizer
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.engine.models import load_inference_model
+    from versatune_ds.probe import generation as gen
 
     single = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=29500, launcher="single")
     cfg = load_config(None, [f"model.path={model_dir}", f"data.dir={SAMPLE}", f"probe.num_samples={NUM_SAMPLES}",
                              "probe.batch_size=3", f"probe.max_new_tokens={MAX_NEW}"])
-    model, _ = gen.load_probe_model(cfg, single, cfg.model.path, zero3=False)
-    return gen.generate_all(cfg, single, model, load_tokenizer(cfg), out / "probe", zero3=False)
+    loaded = load_inference_model(cfg.model, single, zero3=False)  # keep it alive while `model` is used
+    model = loaded.module
+    return gen.generate_all(cfg, single, model, load_tokenizer(cfg.model), out / "probe", zero3=False)
 
 
 @pytest.mark.parametrize("mode", ["replica", "zero3"])

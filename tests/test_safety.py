@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "versatune_ds"
 
 
 def _cfg(tmp_path: Path, model_dir: Path, *overrides: str):
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
 
     data = tmp_path / "a.jsonl"
     data.write_text(json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi."}) + "\n")
@@ -42,9 +42,8 @@ class _Recorder:
 def test_trust_remote_code_is_off_unless_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: tuple, expected: bool) -> None:
     import transformers
 
-    from versatune_ds.data import load_tokenizer
-    from versatune_ds.engine import load_model
-    from versatune_ds.probe_generation import load_probe_model
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.engine.models import load_inference_model, load_model
 
     cfg = _cfg(tmp_path, tmp_path, *overrides)
     stop = OSError("recorded")  # every loader turns it into a UserError after the call we want to see
@@ -55,7 +54,7 @@ def test_trust_remote_code_is_off_unless_set(tmp_path: Path, monkeypatch: pytest
     from versatune_ds.errors import UserError
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="single")
-    for load in (lambda: load_tokenizer(cfg), lambda: load_model(cfg, None), lambda: load_probe_model(cfg, env, str(tmp_path), zero3=False)):
+    for load in (lambda: load_tokenizer(cfg.model), lambda: load_model(cfg.model), lambda: load_inference_model(cfg.model, env, zero3=False)):
         with pytest.raises(UserError):
             load()
     assert [k["trust_remote_code"] for k in tokenizer_calls.kwargs] == [expected]
@@ -63,7 +62,7 @@ def test_trust_remote_code_is_off_unless_set(tmp_path: Path, monkeypatch: pytest
 
 
 def test_trust_remote_code_defaults_to_false_in_the_config() -> None:
-    from versatune_ds.config import ModelConfig
+    from versatune_ds.config.schema import ModelConfig
 
     assert ModelConfig().trust_remote_code is False
 
@@ -163,7 +162,7 @@ class _Payload:
 def test_weights_only_loading_refuses_a_doctored_file_and_reads_real_ones(tmp_path: Path) -> None:
     import torch
 
-    from versatune_ds.checkpoint import weights_only_loading
+    from versatune_ds.engine.zero import weights_only_loading
 
     doctored = tmp_path / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.ones(2)}, "evil": _Payload()}, doctored)
@@ -185,8 +184,8 @@ def test_weights_only_loading_refuses_a_doctored_file_and_reads_real_ones(tmp_pa
 def test_a_doctored_checkpoint_is_refused_with_a_clear_error(tmp_path: Path) -> None:
     import torch
 
-    from versatune_ds import checkpoint
     from versatune_ds.dist import DistEnv
+    from versatune_ds.engine import checkpoint
     from versatune_ds.errors import UserError
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="single")
@@ -209,8 +208,8 @@ def test_a_doctored_checkpoint_is_refused_with_a_clear_error(tmp_path: Path) -> 
 
 def test_our_resumable_state_is_json_not_pickle(tmp_path: Path) -> None:
     """Sampler, schedule, policy, RNG: JSON files in the tag folder; DeepSpeed's client_state holds only the step."""
-    from versatune_ds import checkpoint
     from versatune_ds.dist import DistEnv
+    from versatune_ds.engine import checkpoint
 
     env = DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="single")
     seen: dict = {}
@@ -233,7 +232,7 @@ def test_our_resumable_state_is_json_not_pickle(tmp_path: Path) -> None:
 
 
 def test_data_paths_are_resolved_against_the_config_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
     from versatune_ds.train import log_data_sources
 
     (tmp_path / "data").mkdir()
@@ -243,7 +242,7 @@ def test_data_paths_are_resolved_against_the_config_and_logged(tmp_path: Path, c
     config.write_text(f"model: {{path: {tmp_path}}}\ndata:\n  domains:\n    - {{name: law, train: [../data/law.jsonl]}}\n")
     cfg = load_config(config)
     with caplog.at_level(logging.INFO, logger="versatune_ds.train"):
-        log_data_sources(cfg)
+        log_data_sources(cfg.data)
     assert f"domain law train data: {(tmp_path / 'data' / 'law.jsonl').resolve()}" in caplog.text
 
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from versatune_ds.errors import UserError
-from versatune_ds.mixture import MixtureError, largest_remainder_counts
-from versatune_ds.sampler import MixtureSampler, MixtureSchedule, Stage
+from versatune_ds.mixture.composition import MixtureError, largest_remainder_counts
+from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule, Stage
 
 SIZES = [5, 7, 3]
 WEIGHTS = [0.5, 0.3, 0.2]

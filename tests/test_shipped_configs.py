@@ -6,7 +6,6 @@ for file existence (`check_files=False`), and with file checks on, the only prob
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from versatune_ds.config import DEFAULT_DOMAIN_NAMES, ConfigError, RunConfig, load_config
+from versatune_ds.config.loading import load_config
+from versatune_ds.config.schema import DEFAULT_DOMAIN_NAMES, ConfigError, RunConfig
+from versatune_ds.engine.ds_config import resolve_ds_config_path
+from versatune_ds.resources import shipped_path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -24,18 +26,6 @@ SAMPLE = REPO / "data" / "sample"
 SELF_CONTAINED = {"sample_tiny.yaml", "expansion_code.yaml"}
 # Cluster examples: world sizes they are written for (see the comment at the top of each file).
 CLUSTER_WORLD = {"llama3_8b_zero3.yaml": 16, "llama3_70b_zero3_offload.yaml": 32}
-
-
-def _has_check_config() -> bool:
-    spec = importlib.util.find_spec("versatune_ds.ds_config")
-    if spec is None:
-        return False
-    from versatune_ds import ds_config
-
-    return hasattr(ds_config, "run_command") and hasattr(ds_config, "build_ds_config")
-
-
-needs_check_config = pytest.mark.skipif(not _has_check_config(), reason="the check-config command (versatune_ds/ds_config.py) is not available yet")
 
 
 def _load(path: Path) -> tuple[RunConfig, tuple[str, ...]]:
@@ -61,10 +51,9 @@ def test_shipped_config_validates(path: Path) -> None:
         assert problems == ()
     for problem in problems:
         assert ": file not found: " in problem, f"{path.name}: a problem other than a missing data file: {problem}"
-    # The DeepSpeed JSON is named relative to the config file and must exist in the repo.
-    assert Path(cfg.deepspeed.config).is_absolute()
-    assert Path(cfg.deepspeed.config).is_file()
-    assert Path(cfg.deepspeed.config).parent == REPO / "ds_configs"
+    # The DeepSpeed config is named, and resolves to a shipped file (in the checkout or the wheel).
+    assert "/" not in cfg.deepspeed.config
+    assert resolve_ds_config_path(cfg.deepspeed.config).parent == shipped_path("ds_configs").resolve()
 
 
 def test_sample_configs_use_the_sample_data() -> None:
@@ -111,10 +100,9 @@ def test_shared_data_config_points_at_the_bundle() -> None:
         assert problems == ()
 
 
-@needs_check_config
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_ds_config_builds_for_every_shipped_config(path: Path) -> None:
-    from versatune_ds.ds_config import build_ds_config
+    from versatune_ds.engine.ds_config import build_ds_config
 
     cfg = load_config(path, check_files=False)
     world = CLUSTER_WORLD.get(path.name, 2)
@@ -132,7 +120,6 @@ def _check_config(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@needs_check_config
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_check_config_command_on_shipped_configs(path: Path) -> None:
     _, problems = _load(path)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from dist_helpers import write_run_config
 from slurm_cluster import (
     ClusterUnavailable,

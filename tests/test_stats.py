@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from versatune_ds.stats import (
+from versatune_ds.eval.stats import (
     degradation_reduction,
     multi_domain_score,
     non_target_change,

@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from versatune_ds import templates
-from versatune_ds.templates import IGNORE_INDEX, RowError
+from versatune_ds.data import formats, templates
+from versatune_ds.data.formats import RowError
+from versatune_ds.data.packing import IGNORE_INDEX
 
 ALPACA = {"instruction": "Name the capital of France.", "input": "Answer in one word.", "output": "Paris.", "system": "Be brief."}
 SHAREGPT = {
@@ -65,7 +66,7 @@ def _tokenize(messages, tokenizer, template):
 @pytest.mark.parametrize("template", ["chat_template", "simple", "chatml"])
 def test_masked_tokens_decode_to_assistant_text(fmt, template, chat_tokenizer, plain_tokenizer) -> None:
     tokenizer = chat_tokenizer if template == "chat_template" else plain_tokenizer
-    messages = templates.to_messages(ROWS[fmt], fmt)
+    messages = formats.to_messages(ROWS[fmt], fmt)
     ids, labels = _tokenize(messages, tokenizer, templates.resolve_template(tokenizer, template))
     eos = tokenizer.eos_token
     # Documented end markers: simple and the tiny chat template end with EOS; chatml with <|im_end|> then EOS.
@@ -93,20 +94,20 @@ def test_auto_template_picks_the_chat_template_only_when_present(chat_tokenizer,
 
 
 def test_simple_template_layout(plain_tokenizer) -> None:
-    rendered = templates.render(templates.to_messages(ALPACA, "alpaca"), plain_tokenizer, "simple")
+    rendered = templates.render(formats.to_messages(ALPACA, "alpaca"), plain_tokenizer, "simple")
     assert rendered.text == (
         "<s>### System:\nBe brief.\n\n### Instruction:\nName the capital of France.\n\nAnswer in one word."
         "\n\n### Response:\nParis.</s>"
     )
     assert [rendered.text[s:e] for s, e in rendered.loss_spans] == ["Paris.</s>"]
-    prompt = templates.render_prompt(templates.to_messages(ALPACA, "alpaca")[:-1], plain_tokenizer, "simple")
+    prompt = templates.render_prompt(formats.to_messages(ALPACA, "alpaca")[:-1], plain_tokenizer, "simple")
     assert rendered.text.startswith(prompt) and prompt.endswith("### Response:\n")
 
 
 def test_chat_template_without_end_marker_gets_eos(chat_tokenizer) -> None:
     tokenizer = chat_tokenizer.__class__.from_pretrained(chat_tokenizer.name_or_path)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    messages = templates.to_messages(SHAREGPT, "sharegpt")
+    messages = formats.to_messages(SHAREGPT, "sharegpt")
     ids, labels = _tokenize(messages, tokenizer, "chat_template")
     expected = [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
     assert [tokenizer.decode(run) for run in _loss_runs(ids, labels)] == expected
@@ -125,29 +126,29 @@ def test_chat_template_that_is_not_prefix_stable_is_rejected(chat_tokenizer) -> 
     # Renders the message count first: a prefix of the conversation renders differently.
     tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
     with pytest.raises(RowError, match="data.template=chatml"):
-        templates.render(templates.to_messages(MESSAGES, "messages"), tokenizer, "chat_template")
-    out = templates.tokenize_batch({"messages": [templates.to_messages(MESSAGES, "messages")]}, tokenizer, "chat_template")
+        templates.render(formats.to_messages(MESSAGES, "messages"), tokenizer, "chat_template")
+    out = templates.tokenize_batch({"messages": [formats.to_messages(MESSAGES, "messages")]}, tokenizer, "chat_template")
     assert "differently from its prefixes" in out["error"][0]
 
 
 def test_formats_and_row_errors() -> None:
-    assert templates.detect_format(ALPACA) == "alpaca"
-    assert templates.detect_format(SHAREGPT) == "sharegpt"
-    assert templates.detect_format(MESSAGES) == "messages"
-    assert templates.detect_format({"text": "x"}) is None
-    assert templates.to_messages({"instruction": "a", "output": "b"}, "alpaca") == [
+    assert formats.detect_format(ALPACA) == "alpaca"
+    assert formats.detect_format(SHAREGPT) == "sharegpt"
+    assert formats.detect_format(MESSAGES) == "messages"
+    assert formats.detect_format({"text": "x"}) is None
+    assert formats.to_messages({"instruction": "a", "output": "b"}, "alpaca") == [
         {"role": "user", "content": "a"},
         {"role": "assistant", "content": "b"},
     ]
     with pytest.raises(RowError, match="missing required field 'output'"):
-        templates.to_messages({"instruction": "a"}, "alpaca")
+        formats.to_messages({"instruction": "a"}, "alpaca")
     with pytest.raises(RowError, match="expected one of human, user, gpt"):
-        templates.to_messages({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt")
+        formats.to_messages({"conversations": [{"from": "bot", "value": "x"}]}, "sharegpt")
     with pytest.raises(RowError, match="no assistant turn"):
-        templates.to_messages({"messages": [{"role": "user", "content": "x"}]}, "messages")
+        formats.to_messages({"messages": [{"role": "user", "content": "x"}]}, "messages")
     with pytest.raises(RowError, match="must be a string"):
-        templates.to_messages({"instruction": "a", "output": 3}, "alpaca")
-    assert templates.plain_text(ALPACA, "alpaca") == "Be brief.\nName the capital of France.\n\nAnswer in one word.\nParis."
+        formats.to_messages({"instruction": "a", "output": 3}, "alpaca")
+    assert formats.plain_text(ALPACA, "alpaca") == "Be brief.\nName the capital of France.\n\nAnswer in one word.\nParis."
 
 
 def test_labels_from_offsets_uses_overlap() -> None:

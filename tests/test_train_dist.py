@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dist_helpers import (
     SAMPLE_DATA,
     TEST_DOMAINS,
@@ -83,7 +82,7 @@ def test_zero3_torchrun_trains_and_writes_the_run_dir(reference: tuple[Path, Pat
 
 def test_trace_follows_the_broadcast_weights_recorded_in_mixture_json(reference: tuple[Path, Path]) -> None:
     """The weights rank 0 recorded are the ones the sampler used: rebuild the sampler from them and replay the trace."""
-    from versatune_ds.sampler import MixtureSampler, MixtureSchedule
+    from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 
     _, run_dir = reference
     updates = json.loads((run_dir / "mixture.json").read_text())["updates"]
@@ -139,7 +138,7 @@ def test_resume_after_kill_9_twice_is_exact(
     # come before any process group, so rank 0 of a 2-rank relaunch can be played in this process.
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    from versatune_ds.config import load_config
+    from versatune_ds.config.loading import load_config
     from versatune_ds.errors import UserError
     from versatune_ds.train import run_training
 
@@ -189,7 +188,7 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(stage: int, engine
 
 
 def test_weight_broadcast_gives_identical_schedules_and_intended_proportions(engine_checks: Path) -> None:
-    from versatune_ds.mixture import largest_remainder_counts
+    from versatune_ds.mixture.composition import largest_remainder_counts
 
     records = [json.loads((engine_checks / f"broadcast_rank{r}.json").read_text()) for r in (0, 1)]
     assert records[0]["weights"] == records[1]["weights"]

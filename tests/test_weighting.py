@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from versatune_ds import mixture
-from versatune_ds.config import DomainConfig, MixtureConfig, RunConfig
+from versatune_ds.config.schema import DomainConfig, MixtureConfig, RunConfig
+from versatune_ds.data.packing import Row
 from versatune_ds.dist import DistEnv
 from versatune_ds.domains import Domains
 from versatune_ds.errors import UserError
-from versatune_ds.packing import Row
-from versatune_ds.weighting import build_weight_policy, units_per_item_from_data
+from versatune_ds.mixture import composition
+from versatune_ds.mixture import rules as mixture
+from versatune_ds.mixture.build import build_weight_policy, units_per_item_from_data
 
 NAMES = ("law", "medicine", "code")
 DOMAINS = Domains(NAMES)
@@ -65,7 +66,7 @@ def make_cfg(**mixture_kwargs) -> RunConfig:
 
 def build(cfg: RunConfig, run_dir: Path | None = None, data: FakeData | None = None, **kwargs):
     kwargs.setdefault("initial_distribution", P)
-    return build_weight_policy(cfg, DOMAINS, data or make_data(), run_dir, SINGLE, **kwargs)
+    return build_weight_policy(cfg.mixture, DOMAINS, data or make_data(), run_dir, SINGLE, **kwargs)
 
 
 REF = {"law": 1.0, "medicine": 1.5, "code": 0.5}
@@ -141,7 +142,7 @@ def test_update_sequence_matches_hand_calls_and_warmup(tmp_path):
             update = mixture.update_weights(expected_weights, w0, losses, prev, ref, _rule(cfg))
             expected_weights = np.array(update.new_weights)
             np.testing.assert_array_equal(policy.weights, expected_weights)
-            np.testing.assert_allclose(out, mixture.item_weights_from_token_weights(expected_weights, [10, 20, 40]))
+            np.testing.assert_allclose(out, composition.item_weights_from_token_weights(expected_weights, [10, 20, 40]))
         prev = losses  # φ compares with the previous evaluation, warmup ones included
     document = json.loads((tmp_path / "mixture.json").read_text())
     assert [r["step"] for r in document["updates"]] == [100, 150]

@@ -3,7 +3,7 @@
 `DistEnv.from_environ()` reads rank / world size / local rank from torchrun or the `deepspeed`
 launcher (RANK, WORLD_SIZE, LOCAL_RANK), or, when those are absent, from Slurm's `srun`
 (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR = the job's first host). DeepSpeed does
-not read SLURM_* itself (CPU_FACTS.md), so `init_distributed` exports the torch variables before it
+not read SLURM_* itself (CPU_FACTS.md), so `start_process_group` exports the torch variables before it
 starts the process group.
 
 Every collective has the group's timeout (`dist.timeout_s`): a rank that dies or never arrives turns
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as torch_dist
 
 from versatune_ds.errors import UserError
 
@@ -103,14 +105,28 @@ def first_slurm_host(nodelist: str) -> str:
 def resolve_backend(requested: str) -> str:
     if requested != "auto":
         return requested
-    import torch
-
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(env: DistEnv, *, backend: str = "auto", timeout_s: int = 1800) -> None:
-    """Start the process group (through DeepSpeed, so its engine finds it) with a collective timeout."""
+def start_process_group(env: DistEnv, *, backend: str = "auto", timeout_s: int = 1800) -> None:
+    """Start the process group (through DeepSpeed, so its engines find it) with a collective timeout.
+
+    Multi-rank: from the launcher's environment. One process: a private in-memory store (no port to collide
+    on), because DeepSpeed needs a process group even for one rank. Does nothing if a group is up already.
+    """
+    import deepspeed
+
+    if torch_dist.is_initialized():
+        return
+    backend = resolve_backend(backend)
+    if backend == "gloo":
+        # The shared-memory comm op is JIT-compiled on first use (30-60 s) and gives identical results.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not env.is_distributed:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch_dist.init_process_group(backend=backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         return
     os.environ.update(
         RANK=str(env.rank),
@@ -119,35 +135,19 @@ def init_distributed(env: DistEnv, *, backend: str = "auto", timeout_s: int = 18
         MASTER_ADDR=env.master_addr,
         MASTER_PORT=str(env.master_port),
     )
-    import deepspeed
-    import torch
-
-    backend = resolve_backend(backend)
     if backend == "nccl":
         # Modulo: under `srun --gpus-per-task=1` each task sees one device, whatever its local rank.
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    else:
-        # The shared-memory comm op is JIT-compiled on first use (30-60 s) and gives identical results.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    import torch.distributed as torch_dist
-
-    if not torch_dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s), auto_mpi_discovery=False
-        )
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False)
     logger.info("process group up: %d ranks, backend %s, timeout %d s", env.world_size, backend, timeout_s)
 
 
 def _is_initialized() -> bool:
-    import torch.distributed as torch_dist
-
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
 def barrier() -> None:
     if _is_initialized():
-        import torch.distributed as torch_dist
-
         torch_dist.barrier()
 
 
@@ -155,8 +155,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s object on every rank (JSON-like objects and numpy arrays)."""
     if not _is_initialized():
         return obj
-    import torch.distributed as torch_dist
-
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
@@ -167,9 +165,6 @@ def broadcast_array(values: np.ndarray | None, size: int, src: int = 0) -> np.nd
     if not _is_initialized():
         assert values is not None
         return np.asarray(values, dtype=np.float64).copy()
-    import torch
-    import torch.distributed as torch_dist
-
     device = _collective_device()
     tensor = torch.zeros(size, dtype=torch.float64, device=device)
     if torch_dist.get_rank() == src:
@@ -184,9 +179,6 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if not _is_initialized():
         return array.copy()
-    import torch
-    import torch.distributed as torch_dist
-
     tensor = torch.as_tensor(array.copy(), device=_collective_device())
     torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
     return tensor.cpu().numpy()
@@ -196,8 +188,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's object, in rank order, on every rank."""
     if not _is_initialized():
         return [obj]
-    import torch.distributed as torch_dist
-
     out: list[Any] = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(out, obj)
     return out
@@ -215,9 +205,7 @@ def even_shard(num_items: int, world_size: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def _collective_device():  # -> torch.device
-    import torch
-    import torch.distributed as torch_dist
+def _collective_device() -> torch.device:
 
     if torch_dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -230,10 +218,6 @@ _COLLECTIVE_FAILURE_MARKERS = ("gloo", "NCCL", "c10d", "Connection reset", "Conn
 
 def is_collective_failure(exc: BaseException) -> bool:
     """True for the error a rank gets when another rank died or hung during a collective (or its timeout)."""
-    try:
-        import torch.distributed as torch_dist
-    except ImportError:
-        return False
     if isinstance(exc, getattr(torch_dist, "DistError", ())):
         return True
     # gloo raises a plain RuntimeError ("...gloo/transport/tcp/pair.cc: Connection reset by peer",
@@ -246,8 +230,6 @@ def destroy() -> None:
     destroying a gloo group while peers finish at their own pace can abort a rank that has done all its work
     (`terminate called without an active exception`), so multi-rank groups are not torn down here."""
     if _is_initialized():
-        import torch.distributed as torch_dist
-
         if torch_dist.get_world_size() == 1:
             torch_dist.destroy_process_group()
 

@@ -23,11 +23,20 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 from versatune_ds.errors import UserError
+from versatune_ds.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def emit(text: str) -> None:
+    """Write a command's result (not a log line) to stdout, whole, on rank 0's terminal or pipe."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _json_value(value: Any) -> Any:
@@ -66,9 +75,7 @@ def truncate_jsonl(path: str | os.PathLike[str], max_step: int) -> int:
             continue  # a line cut by a kill -9
         if int(record.get("step", 0)) <= max_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
     return len(kept)
 
 
@@ -161,8 +168,6 @@ class TrainProgress:
         self._progress = None
         self._task = None
         if is_main and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._progress = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),

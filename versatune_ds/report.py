@@ -1,4 +1,4 @@
-"""`versatune-ds report`: PNG plots and a Markdown summary of a run directory (rank 0 only).
+"""PNG plots and a Markdown summary of a run directory (`versatune-ds report`; rank 0 only).
 
 Reads what a run leaves behind (DESIGN.md §5), each file optional: config.yaml, probe/distribution.json,
 mixture.json, metrics.jsonl. Writes into <run_dir>/report/:
@@ -15,15 +15,19 @@ A plot whose data is missing is skipped and the summary says so. Also called by 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import argparse
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from versatune_ds.files import write_bytes_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +73,6 @@ def _read_config(run_dir: Path) -> dict:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return {}
-    import yaml
-
     try:
         value = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -116,8 +118,6 @@ def weight_series(names: list[str], mixture_doc: dict | None, records: list[dict
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(8, 4.5), dpi=110)
     axes = figure.add_subplot()
     axes.set_title(title)
@@ -127,15 +127,12 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return figure, axes
 
 
-def _save(figure: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
+def _save(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def plot_lines(series: dict[str, tuple[list[float], list[float]]], path: Path, title: str, ylabel: str, *, steps: bool = False) -> Path | None:
@@ -189,9 +186,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     }
     summary = out / "summary.md"
     text = render_summary(run, config, distribution, mixture_doc, records, names, images)
-    tmp = summary.with_name(f".summary.md.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, summary)
+    write_text_atomic(summary, text)
     logger.info("report written to %s", out)
     return summary
 
@@ -266,20 +261,3 @@ def render_summary(run: Path, config: dict, distribution: dict | None, mixture_d
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="the run directory to summarise")
-
-
-def run_command(args: argparse.Namespace) -> int:
-    from versatune_ds.dist import DistEnv
-    from versatune_ds.errors import UserError
-
-    if not DistEnv.from_environ().is_main:
-        return 0  # one writer is enough; other ranks of a launcher have nothing to do
-    if not Path(args.run_dir).is_dir():
-        raise UserError(f"--run-dir: {args.run_dir} is not a directory")
-    summary = build_report(args.run_dir)
-    logger.info("summary: %s", summary)
-    return 0

@@ -12,6 +12,10 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
 logger = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
@@ -24,11 +28,8 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, chat_template: bool = True):  # -> PreTrainedTokenizerFast
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (any text encodes: unseen bytes fall back to byte tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -57,9 +58,6 @@ def build_tiny_model_dir(
     chat_template: bool = True,
 ) -> Path:
     """Write a tiny random Llama + its tokenizer to `out_dir` and return the folder."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, chat_template=chat_template)
@@ -89,32 +87,3 @@ def build_tiny_model_dir(
     tokenizer.save_pretrained(out)
     logger.info("wrote a tiny Llama (%d parameters) to %s", sum(p.numel() for p in model.parameters()), out)
     return out
-
-
-def add_arguments(parser) -> None:  # argparse.ArgumentParser
-    parser.add_argument("--out", required=True, help="folder to write the model and tokenizer to")
-    parser.add_argument(
-        "--text", nargs="+", required=True, help="JSONL/text files whose text trains the tokenizer (e.g. data/sample/*.jsonl)"
-    )
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--vocab-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run_command(args) -> int:  # argparse.Namespace
-    from versatune_ds.errors import UserError
-
-    texts: list[str] = []
-    for name in args.text:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"--text: file not found: {name}")
-        texts.extend(line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip())
-    if not texts:
-        raise UserError("--text: the files hold no text to train the tokenizer on")
-    build_tiny_model_dir(
-        args.out, texts, vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed
-    )
-    logger.info("tiny model ready: %s", args.out)
-    return 0

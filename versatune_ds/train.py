@@ -1,4 +1,4 @@
-"""`versatune-ds train`: the one orchestrator, readable top to bottom.
+"""`run_training`: the one orchestrator, readable top to bottom.
 
     config -> DeepSpeed config (batch check before any process group) -> resume checks (config, data)
     -> memory preflight -> process group -> config.yaml -> probe distribution -> weight policy -> sampler
@@ -6,13 +6,14 @@
          next global batch (this rank's slice, split into accumulation micro-batches) -> train_step
          -> metrics / trace -> every eval.every: per-domain eval, policy.after_eval -> sampler.set_weights
          -> every checkpoint.every: checkpoint
-    -> final eval + checkpoint -> export (final/)
+    -> final eval + checkpoint -> export (final/) -> report/
 
 Every rank runs this same code; collectives happen in the same order on every rank (DESIGN.md §4).
 Decisions (new weights, skipping a non-finite step) are made collectively: the policy computes on
-rank 0 and broadcasts, `train_step` agrees on skips with `any_rank_true`.
+rank 0 and broadcasts, `train_step` agrees on skips with one summed flag.
 
-This is a command module: torch / transformers / deepspeed are imported inside functions only.
+The loop talks to its three seams through `protocols` (TrainingEngine, WeightPolicy, Sampler);
+`engine_factory` lets a test run the whole loop in one process with a fake engine.
 """
 
 from __future__ import annotations
@@ -21,24 +22,41 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Callable
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from versatune_ds import dist
+from versatune_ds.config.identity import config_to_dict, config_to_yaml
+from versatune_ds.config.schema import DataConfig, RunConfig
+from versatune_ds.data.packing import collate_rows
+from versatune_ds.data.prepare import PreparedData, prepare_data
+from versatune_ds.data.tokenizer import load_tokenizer
+from versatune_ds.domains import Domains
+from versatune_ds.engine import checkpoint, resume_checks
+from versatune_ds.engine.ds_config import build_ds_config
+from versatune_ds.engine.export import export_from_engine
+from versatune_ds.engine.memory import preflight_warning
+from versatune_ds.engine.models import load_inference_model, load_model, zero_stage
+from versatune_ds.engine.train_engine import TrainEngine
 from versatune_ds.errors import UserError
-
-if TYPE_CHECKING:
-    import argparse
-
-    from versatune_ds.config import RunConfig
-    from versatune_ds.domains import Domains
-    from versatune_ds.engine import TrainEngine
+from versatune_ds.eval.heldout import evaluate_domain_losses, hf_forward
+from versatune_ds.files import write_text_atomic
+from versatune_ds.log import JsonlWriter, MetricsLogger, TrainProgress, truncate_jsonl
+from versatune_ds.mixture.build import build_weight_policy
+from versatune_ds.mixture.composition import DISTRIBUTION_STRATEGIES, largest_remainder_counts
+from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
+from versatune_ds.probe.pipeline import read_distribution, run_probe
+from versatune_ds.protocols import Sampler, TrainingEngine, WeightPolicy
+from versatune_ds.report import build_report
 
 logger = logging.getLogger(__name__)
 
-NEEDS_DISTRIBUTION = ("versatune", "versatune_static", "inverse")
 EXIT_STOPPED_NONFINITE = 3
+
+# (run config, final DeepSpeed config) -> the engine; called on every rank after the process group is up.
+EngineFactory = Callable[[RunConfig, dict], TrainingEngine]
 
 
 @dataclass(frozen=True)
@@ -50,17 +68,19 @@ class TrainSummary:
     export_dir: Path | None
 
 
-def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: bool = False) -> TrainSummary:
-    """Train as `cfg` says; call on every rank (torchrun, the deepspeed launcher, srun, or one process)."""
-    from versatune_ds import checkpoint
-    from versatune_ds.config import config_to_yaml
-    from versatune_ds.data import load_tokenizer, prepare_data
-    from versatune_ds.ds_config import build_ds_config
-    from versatune_ds.engine import TrainEngine, load_model, start_process_group
-    from versatune_ds.log import JsonlWriter, MetricsLogger, TrainProgress, truncate_jsonl
-    from versatune_ds.memory import preflight_warning
-    from versatune_ds.sampler import MixtureSampler, MixtureSchedule
+def deepspeed_engine(cfg: RunConfig, ds_config: dict) -> TrainingEngine:
+    """The real engine: the model partitioned at load under ZeRO-3, a client AdamW, DeepSpeed around it."""
+    return TrainEngine(cfg.train, load_model(cfg.model, ds_config=ds_config), ds_config, total_steps=cfg.train.max_steps)
 
+
+def run_training(
+    cfg: RunConfig,
+    *,
+    resume: str = "auto",
+    allow_config_change: bool = False,
+    engine_factory: EngineFactory = deepspeed_engine,
+) -> TrainSummary:
+    """Train as `cfg` says; call on every rank (torchrun, the deepspeed launcher, srun, or one process)."""
     env = dist.DistEnv.from_environ(default_port=cfg.dist.master_port)
     run_dir = Path(cfg.train.run_dir)
 
@@ -74,25 +94,24 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         )
     saved = checkpoint.read_state(resume_from) if resume_from is not None else None
     if saved is not None:
-        checkpoint.check_config_unchanged(
+        resume_checks.check_config_unchanged(
             saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
         )
-        checkpoint.check_world_size(saved, env.world_size, where=str(resume_from))
-    log_data_sources(cfg)
-    tokenizer = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer)  # needs no process group; every rank reads the same cache
+        resume_checks.check_world_size(saved, env.world_size, where=str(resume_from))
+    log_data_sources(cfg.data)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)  # needs no process group; every rank reads the same cache
     domains = data.domains
     if saved is not None:
-        checkpoint.check_data_unchanged(
+        resume_checks.check_data_unchanged(
             saved, domains.names, [d.fingerprint for d in data.per_domain], where=str(resume_from)
         )
     preflight_warning(cfg, ds_config, env)
 
     # 2. Process group, resolved config.
-    start_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    dist.start_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
 
     # 3. Mixture: the probed distribution, the weight policy, the sampler.
     distribution = initial_distribution(cfg, env, run_dir, domains, tokenizer)
@@ -107,11 +126,10 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         schedule=MixtureSchedule.constant(policy.initial_item_weights()),
         domain_names=domains.names,
     )
-
     warn_starved_domains(policy.initial_item_weights(), cfg.mixture.block_size, domains)
 
-    # 4. The model, partitioned at load under ZeRO-3, and the engine; restore a checkpoint.
-    engine = TrainEngine(cfg, load_model(cfg, ds_config), ds_config, total_steps=cfg.train.max_steps)
+    # 4. The engine; restore a checkpoint.
+    engine = engine_factory(cfg, ds_config)
     step = 0
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(engine, resume_from, env)
@@ -130,25 +148,24 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
     metrics = MetricsLogger(
         run_dir, is_main=env.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
         wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name,
-        config=checkpoint.config_state(cfg)["config"], resume=step > 0,
+        config=config_to_dict(cfg), resume=step > 0,
     )
 
     def evaluate_and_reweight(at_step: int) -> None:
-        losses = evaluate(engine, data, cfg, env)
+        losses = evaluate(engine, data, cfg.eval.micro_batch_size, env)
         new_weights = policy.after_eval(at_step, losses)
         if new_weights is not None:
             sampler.set_weights(new_weights)  # identical on every rank: the policy broadcast them
-        metrics.log(at_step, {**loss_metrics(domains, losses), **weight_metrics(policy, domains, sampler)})
+        metrics.log(at_step, {**loss_metrics(domains, losses), **policy.metrics()})
 
     def save(at_step: int) -> None:
         state = {
-            "sampler": sampler.state_dict(),
-            "schedule": sampler.schedule.to_json(),
+            "sampler": sampler.state_dict(),  # holds the mixture schedule
             "policy": policy.state_dict(),
             "skipped_steps": engine.skipped_steps,
             "domain_names": list(domains.names),
             "data_fingerprints": [d.fingerprint for d in data.per_domain],
-            **checkpoint.config_state(cfg),
+            **resume_checks.config_state(cfg),
         }
         checkpoint.save_checkpoint(engine, run_dir, step=at_step, state=state, keep_last=cfg.checkpoint.keep_last, env=env)
 
@@ -157,19 +174,14 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
         if cfg.eval.at_start:
             evaluate_and_reweight(0)
         else:
-            metrics.log(0, weight_metrics(policy, domains, sampler))
+            metrics.log(0, policy.metrics())
     progress = TrainProgress(total_steps=cfg.train.max_steps, start_step=step, log_every=cfg.train.log_every, is_main=env.is_main)
-    micro, accum = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
     stopped = False
     last_eval = last_save = step
     try:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
-            ids = sampler.next_batch()  # this rank's rows of the global batch: [micro * accum, 2] (domain, row)
-            rows = [data.per_domain[d].train_rows[i] for d, i in ids]
-            micro_batches = [
-                collate(rows[k * micro : (k + 1) * micro], data.pad_token_id, data.packed) for k in range(accum)
-            ]
+            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps)
             result = engine.train_step(micro_batches)
             domain_tokens = dist.all_reduce_sum(
                 np.bincount(ids[:, 0], weights=[r.num_tokens for r in rows], minlength=len(domains))
@@ -211,11 +223,9 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
     if last_save != step and not stopped:
         save(step)
 
-    # 6. Export the final model.
+    # 6. Export the final model, write the report.
     export_dir = None
     if cfg.export.at_end and not stopped:
-        from versatune_ds.export import export_from_engine
-
         export_dir = export_from_engine(engine, tokenizer, run_dir / "final", cfg=cfg, env=env)
     metrics.close()
     if trace is not None:
@@ -231,9 +241,19 @@ def run_training(cfg: RunConfig, *, resume: str = "auto", allow_config_change: b
 # Pieces of the loop
 
 
-def log_data_sources(cfg: RunConfig) -> None:
+def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: int) -> tuple[np.ndarray, list, list]:
+    """This rank's rows of the next global batch as (ids [rows, 2], rows, `accum` collated micro-batches)."""
+    ids = sampler.next_batch()
+    rows = [data.per_domain[d].train_rows[i] for d, i in ids]
+    micro_batches = [
+        collate_rows(rows[k * micro : (k + 1) * micro], pad_token_id=data.pad_token_id, packed=data.packed) for k in range(accum)
+    ]
+    return ids, rows, micro_batches
+
+
+def log_data_sources(data_cfg: DataConfig) -> None:
     """Say which files (resolved, absolute) each domain trains and evaluates on, before they are read."""
-    for domain in cfg.data.domains:
+    for domain in data_cfg.domains:
         for kind in ("train", "heldout", "raw"):
             sources = getattr(domain, kind)
             if sources:
@@ -243,8 +263,6 @@ def log_data_sources(cfg: RunConfig) -> None:
 
 def warn_starved_domains(item_weights: np.ndarray, block_size: int, domains: Domains) -> None:
     """Say so when a domain with a positive weight rounds to no row per sampler block (it would never be seen)."""
-    from versatune_ds.mixture import largest_remainder_counts
-
     counts = largest_remainder_counts(item_weights, block_size)
     starved = [domains.name_of(d) for d in np.flatnonzero((counts == 0) & (np.asarray(item_weights) > 0))]
     if starved:
@@ -258,29 +276,19 @@ def warn_starved_domains(item_weights: np.ndarray, block_size: int, domains: Dom
 
 def write_report(run_dir: Path) -> None:
     """Rank 0 writes report/ at the end; a failed plot must not turn a finished run into a failure."""
-    from versatune_ds.report import build_report
-
     try:
         logger.info("report: %s", build_report(run_dir))
     except Exception as exc:  # noqa: BLE001 - the model and checkpoints are already safe; say so and go on
         logger.warning("could not write the report (%s: %s); run `versatune-ds report --run-dir %s`", type(exc).__name__, exc, run_dir)
 
 
-def collate(rows: list, pad_token_id: int, packed: bool) -> dict:
-    from versatune_ds.packing import collate_rows
-
-    return collate_rows(rows, pad_token_id=pad_token_id, packed=packed)
-
-
-def evaluate(engine: TrainEngine, data: Any, cfg: RunConfig, env: dist.DistEnv) -> np.ndarray:
+def evaluate(engine: TrainingEngine, data: PreparedData, micro_batch_size: int, env: dist.DistEnv) -> np.ndarray:
     """Per-domain held-out loss by domain id, identical on every rank."""
-    from versatune_ds.evaluate import evaluate_domain_losses
-
     with engine.eval_mode():
         result = evaluate_domain_losses(
             engine.forward_loss_sums,
             [d.heldout for d in data.per_domain],
-            micro_batch_size=cfg.eval.micro_batch_size,
+            micro_batch_size=micro_batch_size,
             pad_token_id=data.pad_token_id,
             env=env,
         )
@@ -291,23 +299,16 @@ def loss_metrics(domains: Domains, losses: np.ndarray) -> dict[str, float]:
     return {f"eval/{domains.name_of(d)}/loss": float(v) for d, v in enumerate(losses)}
 
 
-def weight_metrics(policy: Any, domains: Domains, sampler: Any) -> dict[str, float]:
-    if hasattr(policy, "metrics"):
-        return dict(policy.metrics())
-    weights = sampler.schedule.stages[-1].weights
-    return {f"mixture/{domains.name_of(d)}/weight": float(w) for d, w in enumerate(weights)}
-
-
-def initial_distribution(cfg: RunConfig, env: dist.DistEnv, run_dir: Path, domains: Domains, tokenizer: Any) -> np.ndarray | None:
+def initial_distribution(
+    cfg: RunConfig, env: dist.DistEnv, run_dir: Path, domains: Domains, tokenizer: PreTrainedTokenizerBase
+) -> np.ndarray | None:
     """The probed domain distribution p for strategies that start from it (else None).
 
     Order: mixture.distribution; <run_dir>/probe/distribution.json (an earlier probe or a resumed run);
     else run the probe now (every rank).
     """
-    if cfg.mixture.strategy not in NEEDS_DISTRIBUTION:
+    if cfg.mixture.strategy not in DISTRIBUTION_STRATEGIES:
         return None
-    from versatune_ds.probe import read_distribution, run_probe
-
     if cfg.mixture.distribution:
         return read_distribution(cfg.mixture.distribution, domains)
     existing = run_dir / "probe" / "distribution.json"
@@ -318,69 +319,22 @@ def initial_distribution(cfg: RunConfig, env: dist.DistEnv, run_dir: Path, domai
     return run_probe(cfg, env, run_dir=run_dir, tokenizer=tokenizer).p
 
 
-def build_policy(cfg: RunConfig, env: dist.DistEnv, run_dir: Path, data: Any, distribution: np.ndarray | None, ds_config: dict) -> Any:
-    """M's weight policy (weighting.build_weight_policy); a reference model is evaluated under DeepSpeed."""
-    from versatune_ds.weighting import build_weight_policy
+def build_policy(
+    cfg: RunConfig, env: dist.DistEnv, run_dir: Path, data: PreparedData, distribution: np.ndarray | None, ds_config: dict
+) -> WeightPolicy:
+    """The weight policy (mixture.policy); a reference model is evaluated like the model being trained."""
 
     def evaluate_model(model_path: str) -> np.ndarray:
-        from versatune_ds.engine import EvalEngine
-        from versatune_ds.evaluate import evaluate_domain_losses
-
-        reference = EvalEngine(cfg, ds_config, model_path)
+        zero3 = zero_stage(ds_config) == 3
+        offload = ds_config.get("zero_optimization", {}).get("offload_param") if zero3 else None
+        reference = load_inference_model(cfg.model.for_folder(model_path), env, zero3=zero3, offload_param=offload)
         result = evaluate_domain_losses(
-            reference.forward_loss_sums, [d.heldout for d in data.per_domain],
+            hf_forward(reference.module, reference.device), [d.heldout for d in data.per_domain],
             micro_batch_size=cfg.eval.micro_batch_size, pad_token_id=data.pad_token_id, env=env,
         )
         del reference
         return result.loss
 
     return build_weight_policy(
-        cfg, data.domains, data, run_dir, env, initial_distribution=distribution, evaluate_model=evaluate_model
+        cfg.mixture, data.domains, data, run_dir, env, initial_distribution=distribution, evaluate_model=evaluate_model
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# The `train` command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="run config YAML")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
-    parser.add_argument(
-        "--resume",
-        default="auto",
-        help="auto (default: continue from the run dir's latest complete checkpoint, if any) | none | <checkpoint or run dir>",
-    )
-    parser.add_argument(
-        "--allow-config-change", action="store_true", help="resume even if result-changing config keys differ from the checkpoint's"
-    )
-
-
-def run_command(args: argparse.Namespace) -> int:
-    import warnings
-
-    from versatune_ds.config import load_config
-
-    # DeepSpeed calls torch.distributed functions torch has deprecated: one warning per call, per step.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    cfg = load_config(args.config, args.overrides)
-    try:
-        summary = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
-    except RuntimeError as exc:
-        if not dist.is_collective_failure(exc):
-            raise
-        # A dead or hung rank: the survivors' collectives fail (at once, or after dist.timeout_s). One clear
-        # message instead of a DeepSpeed traceback; the process then exits instead of waiting.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"lost contact with another rank: a collective operation failed ({first}). Another rank has died or "
-            f"stopped answering for dist.timeout_s={cfg.dist.timeout_s} s -- see its log. The last complete "
-            f"checkpoint in {cfg.train.run_dir} is intact: relaunch all ranks with --resume auto to continue"
-        ) from None
-    dist.destroy()
-    if summary.stopped_on_nonfinite:
-        return EXIT_STOPPED_NONFINITE
-    logger.info("done: %d steps, %d skipped; run dir %s", summary.final_step, summary.skipped_steps, summary.run_dir)
-    if summary.export_dir is not None:
-        logger.info("model exported to %s", summary.export_dir)
-    return 0

@@ -1,0 +1,1 @@
+"""The run configuration: schema (frozen dataclasses), loading (YAML + overrides), validation, identity."""

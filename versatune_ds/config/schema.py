@@ -1,0 +1,234 @@
+"""The run configuration's schema: one tree of frozen dataclasses, and the lists validation checks against.
+
+Loading (YAML, dotted overrides, typed conversion, `file:line` in errors) is in `config.loading`; the checks
+that need more than a type are in `config.validation`; hashing and printing a config are in
+`config.identity`. Defaults here are what a user gets without writing the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from versatune_ds.errors import UserError
+from versatune_ds.mixture.composition import STRATEGIES  # the one list of strategy names
+from versatune_ds.mixture.rules import RULES
+
+DEFAULT_DOMAIN_NAMES: tuple[str, ...] = ("law", "medicine", "finance", "science", "code", "general")
+
+# A data source that names a Hugging Face `datasets` data set instead of a local file.
+HF_SOURCE_PREFIX = "hf:"
+
+
+class ConfigError(UserError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
+        self.problems = tuple(problems)
+        where = f" in {source}" if source else ""
+        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    name: str
+    train: tuple[str, ...] = ()  # files (jsonl/json/parquet), folders, or `hf:<name>[:<split>]`
+    heldout: tuple[str, ...] = ()  # explicit held-out sources; empty = a fixed-seed split of `train`
+    raw: tuple[str, ...] = ()  # optional domain-tagged raw text (field `text`) for the probe classifier
+    format: str = "auto"  # auto | alpaca | sharegpt | messages
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # local folder or hub name
+    tokenizer: str | None = None  # defaults to `path`
+    gguf_file: str | None = None  # load weights from a GGUF file inside `path` (dequantised)
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto | sdpa | eager | flash_attention_2
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+
+    def for_folder(self, path: str) -> ModelConfig:
+        """The same settings for another model folder (an exported model, a judge, a reference): its own
+        tokenizer, no GGUF file."""
+        return dataclasses.replace(self, path=path, tokenizer=None, gguf_file=None)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    domains: tuple[DomainConfig, ...] = ()
+    dir: str | None = None  # where `<name>.jsonl` is looked up for domains given by name only
+    seq_len: int = 1024
+    packing: bool = True
+    template: str = "auto"  # auto (chat template if the tokenizer has one) | chat_template | simple | chatml
+    truncation: str = "error"  # error | truncate | skip: what to do with an example longer than seq_len
+    on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported per file)
+    heldout_fraction: float = 0.05  # used when a domain has no explicit held-out sources
+    heldout_max_examples: int = 256
+    max_examples_per_domain: int | None = None  # cap on training examples read per domain
+    cache_dir: str = "~/.cache/versatune_ds"
+    num_proc: int = 1
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    strategy: str = "versatune"
+    unit: str = "tokens"  # examples | tokens: what the weights are shares of
+    weights: Mapping[str, float] | None = None  # strategy `fixed`
+    distribution: str | None = None  # a probe/distribution.json to use instead of running the probe
+    block_size: int = 256  # samples per sampler block; weight changes start at a block boundary
+    rule: str = "versatune"  # versatune | official (the released code's rule, for comparison)
+    alpha: float = 1.0
+    beta: float = 1.0
+    eta: float = 1.0
+    smoothing: float = 0.1
+    floor: float = 0.01
+    max_change: float | None = 0.2
+    warmup_steps: int = 0
+    reference_model: str | None = None
+    reference_losses: Mapping[str, float] | None = None
+    reference_fallback_factor: float = 0.8
+    target_domain: str | None = None
+    target_share: float = 0.5
+    target_ramp_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 42
+    max_steps: int = 1000
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    trace_samples: bool = False
+    on_nonfinite: str = "skip"  # skip | stop
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 200
+    micro_batch_size: int = 8
+    at_start: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    keep_last: int = 2
+    allow_config_change: bool = False
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    config: str = "zero3"  # a shipped DeepSpeed config by name (zero2, zero3, zero3_offload, ...) or a JSON path
+    nvme_path: str | None = None  # fills offload_*.nvme_path of an NVMe-offload DeepSpeed config
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    timeout_s: int = 1800
+    master_port: int = 29500
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    num_samples: int = 512
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.1
+    batch_size: int = 32
+    mode: str = "replica"  # replica | zero3
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    kind: str = "tfidf"  # tfidf | llm_judge
+    path: str | None = None  # a saved classifier to reuse
+    judge_model: str | None = None
+    # mean (of per-text probabilities) | hard (label counts) | adjusted (mean, corrected by the TF-IDF classifier's
+    # held-out mean-probability confusion: "adjusted classify and count"; see probe.adjusted_distribution)
+    estimator: str = "mean"
+    num_bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    at_end: bool = True
+    dtype: str = "auto"  # auto (the training dtype) | bf16 | fp16 | fp32
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.data.domains)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
+    "model.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "data.template": ("auto", "chat_template", "simple", "chatml"),
+    "data.truncation": ("error", "truncate", "skip"),
+    "data.on_bad_row": ("error", "skip"),
+    "mixture.strategy": STRATEGIES,
+    "mixture.unit": ("examples", "tokens"),
+    "mixture.rule": RULES,
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+    "probe.mode": ("replica", "zero3"),
+    "classifier.kind": ("tfidf", "llm_judge"),
+    "classifier.estimator": ("mean", "hard", "adjusted"),
+    "export.dtype": ("auto", "bf16", "fp16", "fp32"),
+}
+FORMATS: tuple[str, ...] = ("auto", "alpaca", "sharegpt", "messages")
+POSITIVE_INTS = (
+    "data.seq_len", "data.heldout_max_examples", "data.num_proc", "mixture.block_size", "train.max_steps",
+    "train.micro_batch_size", "train.gradient_accumulation_steps", "train.log_every", "eval.every",
+    "eval.micro_batch_size", "checkpoint.every", "checkpoint.keep_last", "dist.timeout_s", "probe.num_samples",
+    "probe.max_new_tokens", "probe.batch_size", "classifier.num_bootstrap",
+)
+NON_NEGATIVE_NUMBERS = (
+    "train.learning_rate", "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "mixture.alpha",
+    "mixture.beta", "mixture.eta", "mixture.warmup_steps", "mixture.target_ramp_steps", "probe.top_k",
+)
+UNIT_INTERVAL = (
+    "data.heldout_fraction", "mixture.smoothing", "mixture.floor", "mixture.target_share", "train.min_lr_ratio",
+    "probe.top_p",
+)

@@ -1,0 +1,122 @@
+"""Checks of a typed config that need more than its types: choices, ranges, files, cross-key rules.
+
+`validate(cfg)` returns every problem as a `key: given ...; expected ...` line, so the loader can report
+them all at once with their YAML lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from versatune_ds.config.schema import (
+    CHOICES,
+    FORMATS,
+    HF_SOURCE_PREFIX,
+    NON_NEGATIVE_NUMBERS,
+    POSITIVE_INTS,
+    UNIT_INTERVAL,
+    RunConfig,
+)
+
+PATH_KEYS = ("train", "heldout", "raw")  # the data-source lists of a domain
+
+
+def path_exists(path: Path) -> bool:
+    """Path.exists() that says False for names the OS cannot even look up (NUL byte, name too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def validate(cfg: RunConfig, *, check_files: bool = True) -> list[str]:
+    """Every problem in a typed config, as `key: given ...; expected ...` lines (empty when valid).
+
+    `check_files=False` skips only the check that local data files exist.
+    """
+    problems: list[str] = []
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}: given {value!r}; expected one of {', '.join(allowed)}")
+    for key in POSITIVE_INTS:
+        value = _get(cfg, key)
+        if isinstance(value, int) and value <= 0:
+            problems.append(f"{key}: given {value}; expected a positive integer")
+    for key in NON_NEGATIVE_NUMBERS:
+        value = _get(cfg, key)
+        if isinstance(value, (int, float)) and value < 0:
+            problems.append(f"{key}: given {value}; expected a number >= 0")
+    for key in UNIT_INTERVAL:
+        value = _get(cfg, key)
+        if isinstance(value, (int, float)) and not 0 <= value <= 1:
+            problems.append(f"{key}: given {value}; expected a number between 0 and 1")
+    if not cfg.model.path:
+        problems.append("model.path: missing; give a local model folder or a hub name (model.path=/path/to/model)")
+    if cfg.probe.temperature <= 0:
+        problems.append(f"probe.temperature: given {cfg.probe.temperature}; expected a number > 0")
+    if cfg.probe.repetition_penalty <= 0:
+        problems.append(f"probe.repetition_penalty: given {cfg.probe.repetition_penalty}; expected a number > 0")
+    if cfg.mixture.max_change is not None and not 0 < cfg.mixture.max_change <= 1:
+        problems.append(f"mixture.max_change: given {cfg.mixture.max_change}; expected a number in (0, 1] or null for no cap")
+    if cfg.mixture.reference_fallback_factor <= 0:
+        problems.append(f"mixture.reference_fallback_factor: given {cfg.mixture.reference_fallback_factor}; expected a number > 0")
+    problems.extend(_validate_domains(cfg, check_files))
+    return problems
+
+
+def _validate_domains(cfg: RunConfig, check_files: bool = True) -> list[str]:
+    problems: list[str] = []
+    names = [d.name for d in cfg.data.domains]
+    seen: set[str] = set()
+    for index, domain in enumerate(cfg.data.domains):
+        key = f"data.domains[{index}]"
+        if not domain.name or not domain.name.replace("_", "").replace("-", "").isalnum():
+            problems.append(f"{key}.name: given {domain.name!r}; expected a non-empty name of letters, digits, '-' or '_'")
+        if domain.name in seen:
+            problems.append(f"{key}.name: domain {domain.name!r} is listed twice; each domain must appear once")
+        seen.add(domain.name)
+        if not domain.train:
+            problems.append(f"{key}.train: domain {domain.name!r} has no training sources; list files, or set data.dir")
+        if domain.format not in FORMATS:
+            problems.append(f"{key}.format: given {domain.format!r}; expected one of {', '.join(FORMATS)}")
+        for source_key in PATH_KEYS:
+            for i, source in enumerate(getattr(domain, source_key)):
+                if check_files and not source.startswith(HF_SOURCE_PREFIX) and not path_exists(Path(source)):
+                    problems.append(
+                        f"{key}.{source_key}[{i}]: file not found: {source}; fix the path (relative paths in a config "
+                        f"file are resolved against the file's folder) or write hf:<dataset name> for a hub data set"
+                    )
+    mixture = cfg.mixture
+    for map_key in ("weights", "reference_losses"):
+        mapping = getattr(mixture, map_key)
+        for name, value in (mapping or {}).items():
+            if name not in names:
+                problems.append(f"mixture.{map_key}.{name}: unknown domain; known domains: {', '.join(names)}")
+            elif map_key == "weights" and value < 0:
+                problems.append(f"mixture.{map_key}.{name}: given {value}; expected a number >= 0")
+            elif map_key == "reference_losses" and value <= 0:
+                problems.append(f"mixture.{map_key}.{name}: given {value}; expected a number > 0")
+    if mixture.strategy == "fixed":
+        missing = [n for n in names if n not in (mixture.weights or {})]
+        if missing:
+            problems.append(f"mixture.weights: strategy 'fixed' needs a weight for every domain; missing: {', '.join(missing)}")
+        elif sum((mixture.weights or {}).values()) <= 0:
+            problems.append("mixture.weights: the weights sum to 0; give at least one positive weight")
+    if mixture.reference_losses is not None:
+        missing = [n for n in names if n not in mixture.reference_losses]
+        if missing:
+            problems.append(f"mixture.reference_losses: missing domain(s) {', '.join(missing)}; give a loss for every domain")
+    if mixture.strategy in ("target_only", "target_plus_uniform") and mixture.target_domain is None:
+        problems.append(f"mixture.target_domain: strategy {mixture.strategy!r} needs a target domain; set mixture.target_domain=<name>")
+    if mixture.target_domain is not None and mixture.target_domain not in names:
+        problems.append(f"mixture.target_domain: given {mixture.target_domain!r}; expected one of {', '.join(names)}")
+    if mixture.floor * max(len(names), 1) > 1:
+        problems.append(f"mixture.floor: given {mixture.floor}; with {len(names)} domains the floor must be <= {1 / max(len(names), 1):.4f}")
+    return problems

@@ -1,0 +1,1 @@
+"""Data: sources (files, formats), chat templates and loss masks, tokenization + cache, packing."""

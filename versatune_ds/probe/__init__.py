@@ -1,0 +1,1 @@
+"""The knowledge probe: generation split across ranks, domain classifiers, distribution estimators, pipeline."""

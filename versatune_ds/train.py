@@ -90,7 +90,7 @@ def run_training(
     force_unlock: bool = False,
 ) -> TrainSummary:
     """Train as `cfg` says; call on every rank (torchrun, the deepspeed launcher, srun, or one process)."""
-    # Operations: the stop-signal handlers and the run-directory lock live exactly as long as this call.
+    # The stop-signal handlers and the run-directory lock live exactly as long as this call.
     lock = RunDirLock(cfg.train.run_dir, stale_after_s=cfg.train.lock_stale_after_s, force=force_unlock)
     stops = StopControl(cfg.train.stop_signals, cfg.checkpoint.every_minutes,
                         is_main=dist.DistEnv.from_environ(default_port=cfg.dist.master_port).is_main)
@@ -294,14 +294,13 @@ def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: 
 
 
 def finish_stop(run_dir: Path, step: int, signal_name: str, lock: RunDirLock, env: dist.DistEnv) -> None:
-    """After the stop checkpoint: rank 0 leaves the marker the launchers read and frees the run directory,
-    then every rank waits for it, so no rank exits (and no launcher kills the others) before both are done."""
+    """Rank 0 leaves the launchers' marker and frees run_dir; the barrier keeps every rank alive until it has."""
     if env.is_main:
         latest = checkpoint.find_latest(run_dir)
         write_stop_marker(run_dir, step=step, signal_name=signal_name, checkpoint=str(latest) if latest else None)
         lock.release()
-        logger.warning("stopped at step %d on %s after checkpoint %s; run the same command again (--resume auto) to "
-                       "continue -- exit code 75", step, signal_name, latest)
+        logger.warning("stopped at step %d on %s after checkpoint %s; run the same command again to continue -- exit code 75",
+                       step, signal_name, latest)
     dist.barrier()
 
 

@@ -17,7 +17,6 @@ arbitrary JSON rows -> examples or UserError, never any other exception.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -71,29 +70,6 @@ def _assert_clean_failure(code: int, out: str, err: str, case: Path) -> None:
     assert code == 2, f"{case.name}: exit code {code}, stderr:\n{err}"
     for pattern in _expectations(case):
         assert re.search(pattern, err), f"{case.name}: {pattern!r} not found in stderr:\n{err}"
-
-
-@pytest.fixture()
-def run_cli(capsys: pytest.CaptureFixture[str]):
-    """Run `versatune_ds.cli.main(argv)` in-process; returns (exit code, stdout, stderr).
-
-    main() installs its own logging handler on the root logger: restore the root logger afterwards so
-    the rest of the test session keeps pytest's handlers.
-    """
-    from versatune_ds import cli
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-
-    def run(argv: list[str]) -> tuple[int, str, str]:
-        try:
-            code = cli.main(argv)
-        finally:
-            root.handlers[:], _ = saved[0][:], root.setLevel(saved[1])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def test_every_case_has_an_expectation() -> None:

@@ -118,6 +118,10 @@ def _content(turn: dict[str, Any], layout: ChatLayout) -> Any:
 
 def _message(turn: dict[str, Any], role: str, layout: ChatLayout, what: str, notes: RowNotes) -> Message:
     content = _content(turn, layout)
+    has_calls = turn.get("tool_calls") is not None or turn.get("function_call") is not None
+    if not has_calls and not ({layout.content_tag} if layout.content_tag else {"content", "value"}) & set(turn):
+        key = layout.content_tag or "'content' or 'value'"
+        raise RowError(f"{what} has no text (expected {key}; write an empty string for an empty turn)")
     if role == "tool" and isinstance(content, dict):  # a tool result stored as an object
         notes.add("coerced", f"{what}: object -> JSON text")
         content = json.dumps(content, ensure_ascii=False)

@@ -163,7 +163,7 @@ def _jsonl_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
                 size = len(raw)
                 while (chunk := handle.readline(1 << 20)) and not chunk.endswith(b"\n"):
                     size += len(chunk)
-                yield where, None, _too_big(size + len(chunk), max_row_bytes)
+                yield where, None, _too_big(size + len(chunk.rstrip(b"\r\n")), max_row_bytes)
                 continue
             line = raw.rstrip(b"\r\n")
             if not line.strip():
@@ -230,7 +230,8 @@ def _skip_space(text: str, at: int) -> int:
 
 @contextlib.contextmanager
 def _csv_field_limit(limit: int) -> Iterator[None]:
-    # The csv module refuses cells over 128 KiB by default; allow whole rows up to data.max_row_bytes.
+    # The csv module refuses cells over 128 KiB by default, and after that error it reads a quoted cell's
+    # remaining lines as rows. Allow any cell the (already read) text can hold; rows are checked by size after.
     old = csv.field_size_limit()
     csv.field_size_limit(max(old, min(limit, sys.maxsize)))
     try:
@@ -244,7 +245,7 @@ def _table_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
     an absent value."""
     text = _read_text(file)
     delimiter = "\t" if file.endswith(".tsv") else ","
-    with _csv_field_limit(max_row_bytes):
+    with _csv_field_limit(len(text) + 1):
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
         try:
             header = next(reader, None)
@@ -260,10 +261,8 @@ def _table_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
             start = line + 1
             try:
                 cells = next(reader, None)
-            except csv.Error as exc:
-                yield f"{file}:{start}", None, f"not a valid {delimiter!r}-separated row ({exc})"
-                line = reader.line_num
-                continue
+            except csv.Error as exc:  # the reader cannot find the next row after this: the file is refused
+                raise UserError(f"{file}:{start}: not a valid {delimiter!r}-separated row ({exc}); fix the file") from None
             if cells is None:
                 return
             line = reader.line_num

@@ -87,3 +87,19 @@ def test_bad_arguments_are_one_line(argv, message, run_cli, tiny_model_dir, tmp_
     config = _config(tmp_path, tiny_model_dir, str(SAMPLE / "general.jsonl"))
     code, _, err = run_cli(["preview", "--config", str(config), *argv])
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_the_tools_sample_renders_with_a_tool_template(run_cli, tiny_model_dir, tmp_path) -> None:
+    for template in ("qwen2.5", "mistral"):
+        config = _config(tmp_path, tiny_model_dir, str(SAMPLE / "formats" / "general_tools.jsonl"), template=template, seq_len=2048)
+        code, out, err = run_cli(["preview", "--config", str(config), "--domain", "general", "--json", "--rows", "all"])
+        assert code == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert len(rows) == 4 and [len(r["tools"]) for r in rows] == [1, 1, 2, 1]
+        third = rows[2]["messages"]
+        assert [(m["role"], m["loss"]) for m in third] == [("user", False), ("assistant", False), ("user", False), ("assistant", True),
+                                                           ("tool", False), ("assistant", True)]
+        assert third[3]["tool_calls"] == [{"type": "function", "function": {"name": "convert_units",
+                                                                            "arguments": {"value": 100, "from_unit": "F", "to_unit": "C"}},
+                                           "id": "f1e2d3c4b"}]
+        assert len(rows[2]["loss_text"]) == 2 and "Let me convert it first." not in "".join(rows[2]["loss_text"])

@@ -90,7 +90,9 @@ def _role(turn: dict[str, Any], layout: ChatLayout, what: str, notes: RowNotes) 
     key = layout.role_tag or ("role" if "role" in turn else "from")
     raw = turn.get(key)
     if not isinstance(raw, str):
-        raise RowError(f"{what} has no speaker (expected a string under {key!r})")
+        keys = ", ".join(sorted(map(str, turn)))
+        raise RowError(f"{what} has no speaker (expected a string under {key!r}; the turn has keys {keys}); map the keys of "
+                       "other turn shapes with data.domains[i].columns (role_tag, content_tag)")
     if raw in layout.extra_roles:
         return layout.extra_roles[raw]
     lower = raw.strip().lower()

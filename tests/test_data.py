@@ -238,7 +238,7 @@ def test_bad_rows_skipped_are_counted_and_logged(tmp_path, tokenizer, caplog) ->
 
 def test_empty_domain(tmp_path, tokenizer) -> None:
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"data.domains\[1\].train: \S*empty.jsonl: no records"):
+    with pytest.raises(UserError, match=r"data.domains\[1\].train: domain 'b': \S*empty.jsonl: no records"):
         data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0), _alpaca(1)]),
                                              {"name": "b", "train": str(tmp_path / "empty.jsonl")}]).data, tokenizer)
 
@@ -278,7 +278,7 @@ def test_domain_with_no_heldout_data(tmp_path, tokenizer) -> None:
         data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0)])]).data, tokenizer)
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     domain = _domain(tmp_path, "b", [_alpaca(0), _alpaca(1)], heldout=str(tmp_path / "empty.jsonl"))
-    with pytest.raises(UserError, match=r"data.domains\[0\].heldout: \S*empty.jsonl: no records"):
+    with pytest.raises(UserError, match=r"data.domains\[0\].heldout: domain 'b' has no held-out data: \S*empty.jsonl: no records"):
         data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
 
 

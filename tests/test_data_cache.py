@@ -150,6 +150,7 @@ def _start(config: Path, model_dir: Path, ready: Path, mode: str = "normal", chi
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.dist
 def test_two_processes_tokenize_a_cold_cache_once(tmp_path, tiny_model_dir) -> None:
     config = _config_file(tmp_path, tiny_model_dir)
     ready = tmp_path / "ready"
@@ -163,6 +164,7 @@ def test_two_processes_tokenize_a_cold_cache_once(tmp_path, tiny_model_dir) -> N
     assert len({line for out, _ in outputs for line in out.splitlines() if line.startswith("TOKENS")}) == 1
 
 
+@pytest.mark.dist
 def test_a_process_killed_mid_write_leaves_no_damaged_cache(tmp_path, tiny_model_dir) -> None:
     config = _config_file(tmp_path, tiny_model_dir)
     stalled = _start(config, tiny_model_dir, tmp_path / "ready_a", mode="stall", children=1)

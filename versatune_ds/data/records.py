@@ -101,7 +101,10 @@ def _read_file(
             break
     diagnostics.rows_read += rows
     if not records and (limit is None or limit > 0):
-        raise UserError(_empty_file_reason(file, f"{key}.{split}" if split else key, rows, skipped, first_skip))
+        where = f"{key}.{split}: domain {domain.name!r}" if split else key
+        if split == "heldout":
+            where += " has no held-out data"
+        raise UserError(_empty_file_reason(file, where, rows, skipped, first_skip))
     return records
 
 

@@ -349,3 +349,11 @@ def test_hf_source_from_a_local_folder(tmp_path, monkeypatch) -> None:
     assert sources.file_hash(source).startswith("hf-")
     with pytest.raises(UserError, match="cannot load the Hugging Face data set"):
         list(sources.read_rows(f"hf:{tmp_path / 'missing'}"))
+
+
+def test_tokenize_sft_file_uses_the_domains_column_mapping(tmp_path, tokenizer) -> None:
+    rows = [{"question": f"Q{i}?", "reply": f"A{i}.", "note": "x"} for i in range(3)]
+    path = _write_jsonl(tmp_path / "held.jsonl", rows)
+    cfg = _config(tmp_path, [{**_domain(tmp_path, "a", rows), "columns": {"prompt": "question", "response": "reply"}}])
+    examples = data.tokenize_sft_file(str(path), tokenizer, cfg.data, Domains(("a",)), domain_id=0)
+    assert [_decode_loss(tokenizer, e.input_ids, e.labels) for e in examples] == [f"A{i}.</s>" for i in range(3)]

@@ -224,9 +224,12 @@ def _tokenize_domain(
 def tokenize_sft_file(
     path: str, tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, domains: Domains, domain_id: int, fmt: str = "auto"
 ) -> list[Example]:
-    """Tokenized examples of any SFT file / folder / hf: source (for `eval`), with the run's template and policies."""
+    """Tokenized examples of any SFT file / folder / hf: source (for `eval`), with the run's template and policies
+    (and the domain's format and column mapping when the run config has the domain)."""
     name = domains.name_of(domain_id)
-    domain = DomainConfig(name=name, format=fmt)
+    configured = next((d for d in data_cfg.domains if d.name == name), None)
+    domain = DomainConfig(name=name, format=fmt if fmt != "auto" or configured is None else configured.format,
+                          columns=configured.columns if configured is not None else None)
     diagnostics = Diagnostics()
     records = read_records(expand_source(path, f"domain {name}"), domain, data_cfg, f"domain {name}", diagnostics, split=None)
     template = resolve_template(tokenizer, data_cfg.template)

@@ -96,6 +96,9 @@ def select_rows(model_dir: Path, data_dir: Path, seq_len: int, out: Path, max_pe
                 too_long += 1
             else:
                 fits.append(i)
+        if len(fits) <= HELDOUT_PER_DOMAIN:
+            raise SystemExit(f"domain {domain}: only {len(fits)} of {len(records)} rows fit seq_len={seq_len} whole; "
+                             f"{HELDOUT_PER_DOMAIN + 1} are needed (held-out + training): raise --seq-len")
         heldout, train = fits[:HELDOUT_PER_DOMAIN], fits[HELDOUT_PER_DOMAIN:]
         if max_per_domain is not None:
             train = train[:max_per_domain]
@@ -120,7 +123,7 @@ def select_rows(model_dir: Path, data_dir: Path, seq_len: int, out: Path, max_pe
     return summary
 
 
-def write_run_config(path: Path, model_dir: Path, rows: Path, args: argparse.Namespace) -> Path:
+def write_run_config(path: Path, model_dir: Path, rows: Path, args: argparse.Namespace, cache_dir: Path = WORK / "cache") -> Path:
     """The run config of `ours`; the peers read their batch, optimizer and DeepSpeed settings from it too."""
     import yaml
 
@@ -130,7 +133,7 @@ def write_run_config(path: Path, model_dir: Path, rows: Path, args: argparse.Nam
         "model": {"path": str(model_dir), "dtype": args.dtype},
         # truncation=error: every selected row fits, so a mismatch with the selection fails loudly.
         "data": {"domains": domains, "seq_len": args.seq_len, "packing": True, "truncation": "error", "on_bad_row": "error",
-                 "cache_dir": str(WORK / "cache")},
+                 "cache_dir": str(cache_dir)},
         "mixture": {"strategy": "proportional"},
         "train": {"seed": 0, "micro_batch_size": args.micro_batch_size, "gradient_accumulation_steps": 1,
                   "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_steps": 0, "weight_decay": 0.0,

@@ -168,7 +168,13 @@ def verify_rows(config: Path, selection: dict) -> None:
 # Running and measuring
 
 
-def _free_port() -> int:
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -183,12 +189,14 @@ def run_pipeline(pipeline: str, model: str, config: Path, rows: Path, steps: int
     spec = {"config": str(config), "run_dir": str(run_dir / "run"), "out_dir": str(run_dir), "steps": steps,
             "tokenized": str(rows / "tokenized.jsonl"), "dtype": args.dtype}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
     env.pop("MASTER_PORT", None)
+    if not cuda_available():
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo), without its warning
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", f"--nproc_per_node={args.ranks}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(REPO / "bench" / "peer_workers.py"),
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / "bench" / "peer_workers.py"),
            pipeline, str(run_dir / "spec.json")]
     started = time.perf_counter()
     with open(run_dir / "log.txt", "w", encoding="utf-8") as log:

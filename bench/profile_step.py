@@ -18,7 +18,9 @@ epilogue), the gradient norm and the AdamW update; our metrics collectives (`dis
 metrics log and the collation (`next_micro_batches`). Every profiler event's self time goes to the innermost
 named range around it. Backward ops go to the module family whose forward op created their autograd node (the
 profiler's sequence numbers link the two). Collective ops (gloo all_gather / reduce_scatter / all_reduce /
-broadcast: time on the wire plus waiting for the other rank) are shown per range as "of which comm". Host
+broadcast: time on the wire plus waiting for the other rank) are shown per range as "in collective ops"; an
+asynchronous gather (ZeRO-3 prefetch) is waited for inside its range, so that wait counts in the range's own
+time, not in this column. Host
 syncs: `aten::_local_scalar_dense` events (`.item()`, `float(t)`, `bool(t)`), counted per range -- free on CPU,
 a device-to-host wait each on a GPU. Time outside every event (Python between ranges) is "untraced".
 
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import OUT, REPO, machine_info, versions, write_results  # noqa: E402
-from peer_throughput import WORK, ensure_model, select_rows, verify_rows, write_run_config  # noqa: E402
+from peer_throughput import WORK, cuda_available, ensure_model, free_port, select_rows, verify_rows, write_run_config  # noqa: E402
 
 COMM_PATTERN = re.compile(r"all_gather|allgather|reduce_scatter|all_reduce|allreduce|broadcast|barrier|gloo|nccl|c10d::|record_param_comms", re.I)
 SYNC_OP = "aten::_local_scalar_dense"
@@ -291,8 +293,6 @@ def worker(spec_path: str) -> None:
 
 
 def profile_model(name: str, args: argparse.Namespace) -> dict:
-    from peer_throughput import _free_port
-
     model_dir = ensure_model(name, args)
     rows = WORK / name / "rows"
     selection = select_rows(model_dir, Path(args.data_dir), args.seq_len, rows, args.max_rows_per_domain)
@@ -304,11 +304,13 @@ def profile_model(name: str, args: argparse.Namespace) -> dict:
     spec = {"config": str(config), "run_dir": str(run_dir / "run"), "out_dir": str(run_dir), "warmup": args.warmup,
             "profile_steps": args.profile_steps, "trace": args.trace}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu",
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'bench'}", "PYTHONWARNINGS": "ignore"}
     env.pop("MASTER_PORT", None)
+    if not cuda_available():
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo), without its warning
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", str(run_dir / "spec.json")]
+           f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", str(run_dir / "spec.json")]
     with open(run_dir / "log.txt", "w", encoding="utf-8") as log:
         code = subprocess.run(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout_s).returncode
     files = [run_dir / f"rank{r}.json" for r in range(2)]
@@ -327,7 +329,8 @@ def markdown(results: dict) -> str:
              f"seq_len {s['seq_len']}, micro-batch {s['micro_batch_size']} per rank (the rows of peer_throughput); torch.profiler "
              f"over {s['profile_steps']} loop iteration(s) after {s['warmup']} untimed ones. Self time of every event by the "
              "innermost named range (see bench/profile_step.py); backward ops by the module family whose forward made them. "
-             "'comm' = time inside collective ops (transfer + waiting for the other rank); 'syncs' = `.item()`-style host syncs.", ""]
+             "'in collective ops' = self time of synchronous collective ops (transfer + waiting for the other rank; an async "
+             "gather's wait counts in its range's own time); 'syncs' = `.item()`-style host syncs.", ""]
     for name, model in results["models"].items():
         r0, r1 = model["ranks"][0], model["ranks"][1]
         unprof = r0["unprofiled_wall_s_per_step"]
@@ -335,7 +338,7 @@ def markdown(results: dict) -> str:
                   f"Rank 0: {r0['total_ms_per_step']:.1f} ms per step profiled (wall {1e3 * r0['profiled_wall_s_per_step']:.1f} ms; "
                   f"{'%.1f ms' % (1e3 * unprof) if unprof else 'n/a'} without the profiler); rank 1: {r1['total_ms_per_step']:.1f} ms. "
                   f"{r0['events']} events per rank.", "",
-                  "| where | ms / step (rank 0) | share | of which comm (ms) | host syncs / step | ms / step (rank 1) |",
+                  "| where | ms / step (rank 0) | share | in collective ops (ms) | host syncs / step | ms / step (rank 1) |",
                   "|---|---|---|---|---|---|"]
         other = {row["what"]: row for row in r1["rows"]}
         for row in r0["rows"]:

@@ -66,16 +66,17 @@ LABELS = {"ours": "ours", "trl_packing": "TRL + packing (BFD)", "trl_nopack": "T
 
 def select_rows(model_dir: Path, data_dir: Path, seq_len: int, out: Path, max_per_domain: int | None) -> dict:
     """Tokenize every row once with our template; keep the rows that fit seq_len whole; write them for all pipelines."""
-    from versatune_ds.config.schema import ModelConfig
+    from versatune_ds.config.schema import DataConfig, DomainConfig, ModelConfig
     from versatune_ds.data import templates
+    from versatune_ds.data.diagnostics import Diagnostics
     from versatune_ds.data.packing import IGNORE_INDEX
-    from versatune_ds.data.sources import read_records
+    from versatune_ds.data.records import read_records
     from versatune_ds.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(ModelConfig(path=str(model_dir)))
     template = templates.resolve_template(tokenizer, "auto")
     key = {"model": str(model_dir), "tokenizer": tokenizer_fingerprint(tokenizer), "data": str(data_dir), "seq_len": seq_len,
-           "template": template, "max_per_domain": max_per_domain, "heldout_per_domain": HELDOUT_PER_DOMAIN,
+           "template": template.fingerprint, "max_per_domain": max_per_domain, "heldout_per_domain": HELDOUT_PER_DOMAIN,
            "files": {d: os.stat(data_dir / f"{d}.jsonl").st_mtime_ns for d in DOMAINS}}
     summary_file = out / "selection.json"
     if summary_file.is_file() and json.loads(summary_file.read_text())["key"] == key:
@@ -85,10 +86,11 @@ def select_rows(model_dir: Path, data_dir: Path, seq_len: int, out: Path, max_pe
     (out / "heldout").mkdir()
     per_domain, tokenized = {}, []
     for domain in DOMAINS:
-        skipped: dict[str, int] = {}
-        records = read_records([str(data_dir / f"{domain}.jsonl")], "auto", "skip", f"domain {domain}", skipped)
-        batch = templates.tokenize_batch({"messages": [r.messages for r in records]}, tokenizer, template)
-        fits, too_long, unusable = [], 0, sum(skipped.values())
+        diagnostics = Diagnostics()
+        records = read_records([str(data_dir / f"{domain}.jsonl")], DomainConfig(name=domain), DataConfig(on_bad_row="skip"),
+                               f"domain {domain}", diagnostics)
+        batch = templates.tokenize_batch({"conversation": [r.conversation_json() for r in records]}, tokenizer, template)
+        fits, too_long, unusable = [], 0, diagnostics.num_skipped
         for i, (ids, labels, error) in enumerate(zip(batch["input_ids"], batch["labels"], batch["error"])):
             if error or not any(label != IGNORE_INDEX for label in labels):
                 unusable += 1
@@ -105,12 +107,13 @@ def select_rows(model_dir: Path, data_dir: Path, seq_len: int, out: Path, max_pe
         for name, chosen in (("train", train), ("heldout", heldout)):
             with open(out / name / f"{domain}.jsonl", "w", encoding="utf-8") as handle:
                 for i in chosen:
-                    handle.write(json.dumps({"messages": records[i].messages}, ensure_ascii=False) + "\n")
+                    messages = [{k: v for k, v in m.items() if k != "loss"} for m in records[i].messages]  # plain OpenAI rows
+                    handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
         for i in train:
             tokenized.append({"domain": domain, "input_ids": list(map(int, batch["input_ids"][i])),
                               "labels": list(map(int, batch["labels"][i]))})
         per_domain[domain] = {
-            "rows_read": len(records) + sum(skipped.values()), "train_rows": len(train), "heldout_rows": len(heldout),
+            "rows_read": len(records) + diagnostics.num_skipped, "train_rows": len(train), "heldout_rows": len(heldout),
             "dropped_too_long": too_long, "dropped_unusable": unusable,
             "train_tokens": int(sum(len(batch["input_ids"][i]) for i in train)),
             "train_loss_tokens": int(sum(sum(1 for x in batch["labels"][i] if x != IGNORE_INDEX) for i in train)),
@@ -118,7 +121,7 @@ def select_rows(model_dir: Path, data_dir: Path, seq_len: int, out: Path, max_pe
     with open(out / "tokenized.jsonl", "w", encoding="utf-8") as handle:
         for row in tokenized:
             handle.write(json.dumps(row) + "\n")
-    summary = {"key": key, "template": template, "per_domain": per_domain}
+    summary = {"key": key, "template": template.name, "per_domain": per_domain}
     summary_file.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 

@@ -220,3 +220,26 @@ def test_two_train_commands_on_one_run_dir(tmp_path: Path, tiny_model_dir: Path)
     assert (run_dir / "checkpoints" / "latest").is_file() and not (run_dir / LOCK_FILE).exists()
     marker = json.loads((run_dir / preemption.STOP_MARKER).read_text())
     assert marker["signal"] == "SIGTERM" and marker["step"] >= 1
+
+
+@pytest.mark.dist
+def test_every_rank_learns_of_a_refused_lock_and_exits(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """2 ranks under torchrun on a run directory this test process holds: rank 0 is refused, rank 1 learns it
+    by broadcast, both exit 2 with the message instead of waiting."""
+    from dist_helpers import launch
+
+    from versatune_ds.dist import DistEnv
+    from versatune_ds.run_lock import RunDirLock
+
+    run_dir = tmp_path / "run"
+    config = write_run_config(tmp_path / "cfg", tiny_model_dir, run_dir, stage=0, dist={"timeout_s": 60})
+    holder = RunDirLock(run_dir, stale_after_s=600)
+    holder.acquire(DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=1, launcher="single"))
+    try:
+        result = launch(["train", "--config", str(config)], nproc=2, launcher="torchrun", timeout=300)
+    finally:
+        holder.release()
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"versatune-ds train: error (rank {rank}): run directory {run_dir} is in use by another run" in result.stdout
+    assert not (run_dir / "config.yaml").exists()

@@ -1,14 +1,18 @@
 # Shared set-up of the one-machine launchers (torchrun.sh, local_deepspeed.sh); sourced, not run.
-# Reads CONFIG, RUN_DIR, DEVICE, NPROC/GPUS_PER_NODE, EXTRA_ARGS, REPO_DIR, OMP_NUM_THREADS; sets them,
-# exports PYTHONPATH and the CPU switches, creates $RUN_DIR/logs and sets LOG for launcher name $1.
+# Reads CONFIG, RUN_DIR, DEVICE, NPROC/GPUS_PER_NODE, EXTRA_ARGS, REPO_DIR, OMP_NUM_THREADS, ALLOW_GPU_SHARING;
+# sets them, exports PYTHONPATH and the CPU switches, creates $RUN_DIR/logs, sets LOG for launcher name $1,
+# and brings in launchers/common.sh (GPU count check, the supervisor: secrets filter + signal forwarding).
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+# shellcheck source=launchers/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 CONFIG=${CONFIG:?set CONFIG to a run config YAML, e.g. CONFIG=configs/my_run.yaml}
 RUN_DIR=${RUN_DIR:-runs/$(basename "${CONFIG%.*}")}
 if [[ -z "${DEVICE:-}" ]]; then
-  if nvidia-smi -L >/dev/null 2>&1; then DEVICE=gpu; else DEVICE=cpu; fi
+  if (( $(visible_gpu_count) > 0 )); then DEVICE=gpu; else DEVICE=cpu; fi
 fi
 if [[ "$DEVICE" == gpu ]]; then
-  NPROC=${NPROC:-${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}}
+  NPROC=${NPROC:-${GPUS_PER_NODE:-$(visible_gpu_count)}}
+  check_ranks_fit_gpus "$NPROC" NPROC
 else
   NPROC=${NPROC:-2}
   # On CPU every rank would otherwise start one thread per core and the ranks fight for them.

@@ -3,15 +3,19 @@
 #   setup -> tiny model -> check-config -> probe -> plan -> train (2 ranks, ZeRO-3, gloo) -> eval -> export -> report
 # Everything lands in runs/quickstart/. Takes a few minutes on a 2-core machine; the numbers mean nothing
 # (random model, smoke-test data) — it shows every stage working. For a real model see README "Real models".
-#   NPROC=2 (ranks)  RUN_DIR=runs/quickstart
+#   NPROC=2 (ranks; on a GPU machine at most its number of GPUs)  RUN_DIR=runs/quickstart
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=launchers/common.sh
+source launchers/common.sh
 NPROC=${NPROC:-2}
 RUN_DIR=${RUN_DIR:-runs/quickstart}
 CONFIG=configs/sample_tiny.yaml
+# On a GPU machine every rank needs a GPU of its own (NCCL refuses two ranks on one): fewer ranks if need be.
+NPROC=$(fit_ranks_to_gpus "$NPROC")
 bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
-command -v nvidia-smi >/dev/null 2>&1 || export DS_ACCELERATOR=cpu
+(( $(visible_gpu_count) > 0 )) || export DS_ACCELERATOR=cpu
 step() { printf '\n==> %s\n' "$*"; }
 
 step "1/8 tiny model (random init) + tokenizer trained on the sample text"

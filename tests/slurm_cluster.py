@@ -532,10 +532,21 @@ dist.destroy_process_group()
 '''
 
 
+# The real modules the launchers need besides the trainer: launchers/common.sh runs the launch command
+# under versatune_ds.supervisor (secrets filter, signal forwarding), which imports these.
+REAL_REPO = Path(__file__).resolve().parents[1]
+LAUNCH_MODULES = ("supervisor.py", "redaction.py", "preemption.py", "files.py")
+
+
 def write_standin_package(root: Path) -> Path:
-    """Write `root/versatune_ds/` (the stand-in); run launchers with REPO_DIR=root and cwd=root."""
+    """Write `root/versatune_ds/` (the stand-in) and `root/launchers/common.sh`; run launchers with REPO_DIR=root
+    and cwd=root."""
     package = root / "versatune_ds"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
     (package / "__main__.py").write_text(STANDIN_MAIN)
+    for name in LAUNCH_MODULES:
+        shutil.copy2(REAL_REPO / "versatune_ds" / name, package / name)
+    (root / "launchers").mkdir(exist_ok=True)
+    shutil.copy2(REAL_REPO / "launchers" / "common.sh", root / "launchers" / "common.sh")
     return root

@@ -284,6 +284,93 @@ def test_float_nan_is_not_equal_to_itself() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Property tests of the config reader's cost: deep nesting and alias-heavy YAML stay within a memory and
+# time bound per case (config.yaml_source), ending in a RunConfig or a UserError like any other input.
+
+CASE_PEAK_BYTES = 64 * 2**20  # tracemalloc peak per document; a billion-laughs document needed gigabytes
+CASE_SECONDS = 20.0  # per document on a loaded 2-core machine; unbounded cases ran for minutes or forever
+
+
+def _nested_yaml(depth: int, flow: bool, mapping: bool) -> str:
+    if flow:
+        return ("{k: " * depth + "1" + "}" * depth) if mapping else ("[" * depth + "1" + "]" * depth)
+    if mapping:
+        return "\n" + "".join("  " * (i + 1) + "k:\n" for i in range(depth)) + "  " * (depth + 1) + "x: 1"
+    return "\n" + "".join("  " * (i + 1) + "-\n" for i in range(depth)) + "  " * (depth + 1) + "- 1"
+
+
+@st.composite
+def deep_documents(draw: st.DrawFn) -> str:
+    depth = draw(st.integers(min_value=1, max_value=3000))
+    value = _nested_yaml(depth, draw(st.booleans()), draw(st.booleans()))
+    key = draw(st.sampled_from(["train", "mixture", "data", "model", "unknown"]))
+    return f"model: {{path: m}}\n{key}: {value}\n" if key != "model" else f"model: {value}\n"
+
+
+@st.composite
+def alias_documents(draw: st.DrawFn) -> str:
+    """Anchors that repeat earlier anchors: chains, fans (billion laughs), merge keys (`<<`), random graphs."""
+    levels = draw(st.integers(min_value=1, max_value=12))
+    fan_out = draw(st.integers(min_value=1, max_value=12))
+    kind = draw(st.sampled_from(["list", "mapping", "merge", "random"]))
+    lines = ["model: {path: m}", "a0: &a0 {seed: 1, lol: [1, 2]}" if kind in ("mapping", "merge") else "a0: &a0 [lol]"]
+    for i in range(1, levels + 1):
+        if kind == "random":
+            refs = [f"*a{draw(st.integers(min_value=0, max_value=i - 1))}" for _ in range(fan_out)]
+        else:
+            refs = [f"*a{i - 1}"] * fan_out
+        if kind == "list" or kind == "random":
+            body = f"[{', '.join(refs)}]"
+        elif kind == "mapping":
+            body = "{" + ", ".join(f"k{j}: {ref}" for j, ref in enumerate(refs)) + "}"
+        else:
+            body = "{<<: [" + ", ".join(refs) + f"], own{i}: 1}}"
+        lines.append(f"a{i}: &a{i} {body}")
+    target = draw(st.sampled_from(["train", "mixture.weights", "data.domains", "none"]))
+    if target != "none":
+        section, _, key = target.partition(".")
+        lines.append(f"{section}: {{{key}: *a{levels}}}" if key else f"{section}: *a{levels}")
+    return "\n".join(lines) + "\n"
+
+
+def _bounded_load(text: str) -> None:
+    import time
+    import tracemalloc
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "run.yaml"
+        path.write_text(text, encoding="utf-8")
+        tracemalloc.start()
+        started = time.perf_counter()
+        try:
+            _load_or_user_error(path, [])
+        finally:
+            seconds = time.perf_counter() - started
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert peak < CASE_PEAK_BYTES, f"{peak / 2**20:.1f} MiB for a {len(text)}-character document"
+    assert seconds < CASE_SECONDS, f"{seconds:.1f} s for a {len(text)}-character document"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=deep_documents())
+def test_deeply_nested_yaml_is_read_within_bounds(text: str) -> None:
+    _bounded_load(text)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=alias_documents())
+def test_alias_heavy_yaml_is_read_within_bounds(text: str) -> None:
+    _bounded_load(text)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(depth=st.integers(min_value=1, max_value=5000), flow=st.booleans(), mapping=st.booleans())
+def test_deeply_nested_override_values_are_read_within_bounds(depth: int, flow: bool, mapping: bool) -> None:
+    value = _nested_yaml(depth, True, mapping) if flow else json.dumps(json.loads("[" * min(depth, 900) + "]" * min(depth, 900)))
+    _load_or_user_error(None, ["model.path=m", "data.dir=" + str(REPO / "data" / "sample"), f"train.seed={value}"])
+
+
 # Hostile rows: deep nesting and huge rows are refused before they cost much (time and memory bounded per case)
 
 SMALL_ROW_LIMIT = 64 * 1024

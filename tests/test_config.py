@@ -203,7 +203,8 @@ def test_mapping_with_an_unknown_domain(data_dir: Path, map_key: str) -> None:
 
 def test_negative_weight_and_non_positive_reference_loss(data_dir: Path) -> None:
     assert "mixture.weights.law: given -1.0; expected a number >= 0" in problems_of(data_dir, "mixture.weights={law: -1}")
-    load_config(None, [*base(data_dir), "mixture.weights={law: 0}"])  # a zero weight is allowed
+    ones = ", ".join(f"{n}: 1" for n in SIX[1:])
+    load_config(None, [*base(data_dir), "mixture.strategy=fixed", f"mixture.weights={{law: 0, {ones}}}"])  # zero is allowed
     losses = ", ".join(f"{n}: 2.0" for n in SIX[1:])
     problems = problems_of(data_dir, f"mixture.reference_losses={{law: 0, {losses}}}")
     assert problems == ("mixture.reference_losses.law: given 0.0; expected a number > 0",)
@@ -223,6 +224,32 @@ def test_fixed_strategy_needs_every_weight(data_dir: Path) -> None:
     ones = ", ".join(f"{n}: 1" for n in SIX)
     cfg = load_config(None, [*base(data_dir), "mixture.strategy=fixed", f"mixture.weights={{{ones}}}"])
     assert dict(cfg.mixture.weights) == {n: 1.0 for n in SIX}
+
+
+@pytest.mark.parametrize("strategy", ["versatune", "uniform", "proportional", "versatune_static"])
+def test_weights_with_a_strategy_that_ignores_them_are_refused(data_dir: Path, strategy: str) -> None:
+    """mixture.weights with any strategy but `fixed` was ignored without a word."""
+    ones = ", ".join(f"{n}: 1" for n in SIX)
+    problems = problems_of(data_dir, f"mixture.strategy={strategy}", f"mixture.weights={{{ones}}}")
+    assert problems == (
+        f"mixture.weights: given, but mixture.strategy is {strategy!r}, which does not use them; "
+        "set mixture.strategy=fixed or remove mixture.weights",
+    )
+
+
+def test_new_operations_keys(data_dir: Path) -> None:
+    cfg = load_config(None, base(data_dir))
+    assert cfg.train.stop_signals == ("SIGTERM", "SIGUSR1") and cfg.checkpoint.every_minutes is None
+    cfg = load_config(None, [*base(data_dir), "train.stop_signals=SIGUSR2", "checkpoint.every_minutes=30"])
+    assert cfg.train.stop_signals == ("SIGUSR2",) and cfg.checkpoint.every_minutes == 30.0
+    assert load_config(None, [*base(data_dir), "train.stop_signals=[]"]).train.stop_signals == ()
+    problems = problems_of(data_dir, "train.stop_signals=[SIGTERM, SIGKILL]", "checkpoint.every_minutes=0", "train.lock_stale_after_s=0")
+    assert any(p.startswith("train.stop_signals[1]: given 'SIGKILL'; expected signal names out of SIGTERM") for p in problems)
+    assert "checkpoint.every_minutes: given 0.0; expected a number > 0, or null for none" in problems
+    assert "train.lock_stale_after_s: given 0; expected a positive integer" in problems
+    # Where a run stops, how often it checkpoints by the clock and its lock do not change results: resume freely.
+    changed = load_config(None, [*base(data_dir), "train.stop_signals=[]", "train.lock_stale_after_s=5", "checkpoint.every_minutes=1"])
+    assert config_hash(changed) == config_hash(cfg)
 
 
 @pytest.mark.parametrize("strategy", ["target_only", "target_plus_uniform"])
@@ -353,7 +380,7 @@ def test_empty_file_means_defaults(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_recursive_alias_is_an_error_not_a_crash(tmp_path: Path, data_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="loop: unknown key"):
+    with pytest.raises(UserError, match=r"run\.yaml:1: a YAML alias refers to a mapping or list that contains it"):
         load_config(write(tmp_path, "loop: &a [*a]\n"), base(data_dir))
 
 
@@ -587,6 +614,82 @@ def test_paths_the_os_cannot_look_up_are_reported_not_crashed(tmp_path: Path, na
         load_config(path)
     assert [p.split(":")[0] for p in info.value.problems] == ["data.domains[0].train[0]"]
     assert "file not found" in info.value.problems[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile YAML: bounded time and memory, a clear error instead of a RecursionError or an exhausted machine
+
+
+def billion_laughs(levels: int, fan_out: int = 10) -> str:
+    """Each anchor a list of `fan_out` aliases of the previous one: fan_out ** levels values once expanded."""
+    lines = ["model: {path: m}", 'l0: &l0 ["lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan_out)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE_YAML = {
+    "billion_laughs": (billion_laughs(9), r"expands to more than 100000 values through YAML aliases"),
+    "deep_flow": ("model: " + "[" * 100_000 + "]" * 100_000 + "\n", r"opens more than 256 flow brackets"),
+    "deep_flow_under_the_bracket_scan": ("model: " + "[" * 200 + "]" * 200 + "\n", r"run\.yaml:1 nests mappings / lists more than 64"),
+    "deep_block": ("".join("  " * i + f"k{i}:\n" for i in range(300)) + "  " * 300 + "x: 1\n", r"run\.yaml:65 nests mappings"),
+    "alias_chain": ("x0: &x0 [1]\n" + "".join(f"x{i}: &x{i} [*x{i - 1}]\n" for i in range(1, 500)), r"levels deep through YAML aliases"),
+    "too_big": ("# " + "x" * 300_000 + "\n", r"is 300003 characters long; a run config is refused above 262144"),
+}
+
+
+def test_the_loader_walks_each_alias_node_once(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 levels of 10-fold aliases (10^4 values expanded): the line walk used to visit every expanded value."""
+    from versatune_ds.config import yaml_source
+
+    calls = 0
+    original = yaml_source.collect_lines
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(yaml_source, "collect_lines", counting)  # the walk's recursive calls go through this name
+    with pytest.raises(ConfigError, match="l0: unknown key"):
+        load_config(write(tmp_path, billion_laughs(4) + f"data: {{dir: {data_dir}}}\n"))
+    assert 0 < calls < 100, calls  # each node once (a few dozen), not the 11 111 nodes of the expanded tree
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_YAML))
+def test_hostile_yaml_is_refused_quickly_in_little_memory(tmp_path: Path, name: str) -> None:
+    """Each case runs in a child process capped at 2 GiB of address space and 60 s: on a loader without the
+    bounds it fails by running out of memory or time instead of taking the machine down."""
+    import subprocess
+    import sys
+
+    text, pattern = HOSTILE_YAML[name]
+    path = write(tmp_path, text)
+    program = textwrap.dedent(
+        f"""
+        import resource, sys, time, tracemalloc
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        from versatune_ds.config.loading import load_config
+        from versatune_ds.errors import UserError
+        tracemalloc.start()
+        started = time.perf_counter()
+        try:
+            load_config({str(path)!r})
+        except UserError as exc:
+            message = str(exc)
+        else:
+            message = "loaded"
+        print(time.perf_counter() - started, tracemalloc.get_traced_memory()[1])
+        print(message)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, message = done.stdout.split("\n", 1)
+    seconds, peak_bytes = float(first.split()[0]), int(first.split()[1])
+    assert re.search(pattern, message), message
+    assert "Traceback" not in done.stderr
+    assert peak_bytes < 64 * 2**20, f"{peak_bytes / 2**20:.1f} MiB"
+    assert seconds < 20, f"{seconds:.1f} s"
 
 
 @pytest.mark.parametrize("columns, message", [

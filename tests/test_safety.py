@@ -278,3 +278,64 @@ def test_secrets_in_the_environment_are_never_written(tmp_path: Path, tiny_model
             leaks.append(f"{name} in the output")
         leaks += [f"{name} in {p}" for p in written if value.encode() in p.read_bytes()]
     assert leaks == []
+
+
+# The deepspeed launcher's slurm runner logs `srun ... --export=ALL,MLFLOW_TRACKING_PASSWORD=...`; short
+# values (below redaction.MIN_SECRET_CHARS) are only safe in NAME=value form.
+LAUNCHER_SECRETS = {
+    **SECRETS,
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-PASSWORD-for-tests-only-42",
+    "MLFLOW_TRACKING_TOKEN": "tok",
+    "MY_SERVICE_API_KEY": "sk-test-0123456789abcdefFAKE",
+}
+
+
+def test_redact_takes_out_values_and_assignments() -> None:
+    from versatune_ds.redaction import redact
+
+    env = {"HF_TOKEN": "hf_abcdefgh123", "MLFLOW_TRACKING_PASSWORD": "pw1", "TOKENIZERS_PARALLELISM": "false", "HOME": "/root"}
+    line = "cmd = srun --export=ALL,MLFLOW_TRACKING_PASSWORD=pw1,PYTHONPATH=/x python -u -m x token hf_abcdefgh123 false /root"
+    assert redact(line, env) == "cmd = srun --export=ALL,MLFLOW_TRACKING_PASSWORD=***,PYTHONPATH=/x python -u -m x token *** false /root"
+    assert redact('{"HF_TOKEN": "anything"} HF_TOKEN: x', env) == '{"HF_TOKEN": "***"} HF_TOKEN: ***'
+
+
+def test_log_records_lose_their_secrets(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from versatune_ds import cli
+
+    monkeypatch.setenv("WANDB_API_KEY", SECRETS["WANDB_API_KEY"])
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        cli._setup_logging("DEBUG")
+        logging.getLogger("some.library").debug("environment: %s", {"WANDB_API_KEY": SECRETS["WANDB_API_KEY"]})
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert "environment:" in err and SECRETS["WANDB_API_KEY"] not in err
+
+
+@pytest.mark.dist
+def test_secrets_never_reach_the_run_directory_through_a_real_launcher(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """slurm_deepspeed.sbatch (DeepSpeed's slurm runner, which logs its srun command with every MLFLOW_* export)
+    with fake secrets in the environment: no file in the run directory, and nothing on the console, has one."""
+    from dist_helpers import write_run_config
+    from test_launchers import REPO, launcher_env, run_launcher
+
+    run_dir = tmp_path / "run"
+    config = write_run_config(tmp_path / "cfg", tiny_model_dir, run_dir, train={"max_steps": 2}, checkpoint={"every": 2},
+                              eval={"every": 2}, logging={"tensorboard": True})
+    env = {**launcher_env("slurm_deepspeed.sbatch", tmp_path, REPO, config, run_dir), **LAUNCHER_SECRETS}
+    done = run_launcher("slurm_deepspeed.sbatch", env, REPO, ["dist.timeout_s=120"])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    log = next((run_dir / "logs").glob("*.log")).read_text()
+    assert "MLFLOW_TRACKING_PASSWORD=***" in log and "MLFLOW_TRACKING_TOKEN=***" in log  # the runner's srun command
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in written) and any("tfevents" in p.name for p in written)
+    leaks = []
+    for name, value in LAUNCHER_SECRETS.items():
+        # a 3-letter value ("tok") is a word in ordinary text: look for it as an assignment only
+        needle = value if len(value) >= 6 else f"{name}={value}"
+        if needle in done.stdout + done.stderr:
+            leaks.append(f"{name} in the output")
+        leaks += [f"{name} in {p}" for p in written if needle.encode() in p.read_bytes()]
+    assert leaks == []

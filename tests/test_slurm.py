@@ -9,6 +9,12 @@
 `test_standin_deepspeed_sbatch` runs `launchers/slurm_deepspeed.sbatch` on the one-node cluster against
 a stand-in trainer (one gloo all_reduce per step): the DeepSpeed runner's srun path inside a real
 allocation, cheaply (the real trainer runs through it in test_launchers.py).
+
+Preemption / time limit: a running job gets `scancel --batch --signal=USR1` -- what `#SBATCH --signal=B:USR1@600`
+makes Slurm send before the time limit -- and must checkpoint, exit 75, requeue itself (same job id,
+Restarts=1), resume with `--resume auto` and finish with the same per-rank sample trace and losses as an
+uninterrupted run: through `slurm_single_node.sbatch` and `slurm_deepspeed.sbatch` on one node, and
+`slurm_multi_node.sbatch` (torchrun agents passing the signal on) on two.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -27,6 +34,7 @@ from typing import Iterator
 import pytest
 from dist_helpers import write_run_config
 from slurm_cluster import (
+    FINISHED_STATES,
     ClusterUnavailable,
     SlurmCluster,
     single_node_cluster,
@@ -93,8 +101,9 @@ def submit(
     env = {key: value for key, value in env.items() if not key.startswith(outer) or key == "SLURM_CONF"}
     jobs = cluster.scratch / "jobs"
     jobs.mkdir(exist_ok=True)
-    # --chdir: the job runs from repo_dir, so `python -m versatune_ds` finds that checkout's package
-    sbatch_args = [f"--job-name={name}", f"--chdir={repo_dir}", f"--output={jobs}/%x-%j.out"]
+    # --chdir: the job runs from repo_dir, so `python -m versatune_ds` finds that checkout's package;
+    # --cpus-per-task=1: the scripts ask for 8 or 32 per task, the test nodes have 2 or 1 CPUs
+    sbatch_args = [f"--job-name={name}", f"--chdir={repo_dir}", f"--output={jobs}/%x-%j.out", "--cpus-per-task=1"]
     return cluster.sbatch(LAUNCHERS / launcher, args, sbatch_args=sbatch_args, env=env)
 
 
@@ -289,3 +298,96 @@ def trace_by_step(path: Path) -> dict[int, dict]:
                 row = json.loads(line)
                 rows[int(row["step"])] = row  # a step re-run after the resume keeps its last record
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption and time limits: signal, checkpoint, requeue, resume -- the same run as an uninterrupted one
+
+SIGNAL_ARGS = [*TWO_NODE_ARGS, "dist.timeout_s=120"]
+REQUEUE_TIMEOUT_S = 2 * JOB_TIMEOUT_S + 180  # two runs, and Slurm's own delay before a requeued job starts
+
+
+@pytest.fixture(scope="module")
+def one_node_reference(one_node: SlurmCluster, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted one-node ZeRO-3 run with two ranks: the reference for the one-node signal tests."""
+    tmp = tmp_path_factory.mktemp("one_node_reference")
+    run_dir = tmp / "run"
+    config = write_run_config(tmp / "cfg", tiny_model_dir, run_dir)
+    job = submit(one_node, "slurm_single_node.sbatch", repo_dir=REPO, config=config, run_dir=run_dir, args=SIGNAL_ARGS,
+                 name="ref1")  # fmt: skip
+    wait_completed(one_node, job)
+    return run_dir
+
+
+def signal_midrun_then_wait_for_the_requeued_run(cluster: SlurmCluster, job: int, run_dir: Path) -> dict[str, str]:
+    """Once 7 steps and a checkpoint exist, signal the batch shell as --signal=B:USR1 would; wait for the end."""
+
+    def ready() -> bool:
+        if cluster.job_info(job).get("JobState") not in ("PENDING", "RUNNING"):
+            raise AssertionError(f"job {job} ended before the signal:\n{job_output(cluster, job)}")
+        rows = [row for row in metric_rows(run_dir) if "train/loss" in row]
+        return len(rows) >= 7 and (run_dir / "checkpoints" / "latest").exists()
+
+    wait_for(ready, JOB_TIMEOUT_S, f"7 logged steps and a checkpoint in {run_dir}")
+    cluster.client(["scancel", "--batch", "--signal=USR1", str(job)])
+    # Slurm holds a requeued job back for about two minutes (its BeginTime); start it at once to save test time.
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        info = cluster.job_info(job)
+        if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
+            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            break
+        if info.get("JobState") in FINISHED_STATES:
+            break
+        time.sleep(0.5)
+    info = cluster.wait_job(job, REQUEUE_TIMEOUT_S)
+    output = job_output(cluster, job)
+    assert info["JobState"] == "COMPLETED", f"job {job}: {info['JobState']} {info.get('ExitCode')}\n{output}"
+    assert info.get("Restarts") == "1", f"job {job} was not requeued once: Restarts={info.get('Restarts')}\n{output}"
+    return info
+
+
+@pytest.mark.parametrize("launcher", ["slurm_single_node.sbatch", "slurm_deepspeed.sbatch"])
+def test_one_node_signal_checkpoints_requeues_and_matches_uninterrupted(
+    one_node: SlurmCluster, tiny_model_dir: Path, one_node_reference: Path, tmp_path: Path, launcher: str
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_run_config(tmp_path / "cfg", tiny_model_dir, run_dir)
+    job = submit(one_node, launcher, repo_dir=REPO, config=config, run_dir=run_dir, args=SIGNAL_ARGS, name="sig1")
+    signal_midrun_then_wait_for_the_requeued_run(one_node, job, run_dir)
+    assert_stopped_requeued_and_exact(one_node, job, run_dir, one_node_reference)
+
+
+def test_two_node_signal_checkpoints_requeues_and_matches_uninterrupted(
+    two_nodes: SlurmCluster, tiny_model_dir: Path, two_node_reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_run_config(tmp_path / "cfg", tiny_model_dir, run_dir)
+    job = submit(two_nodes, "slurm_multi_node.sbatch", repo_dir=REPO, config=config, run_dir=run_dir, args=SIGNAL_ARGS,
+                 name="sig2")  # fmt: skip
+    info = signal_midrun_then_wait_for_the_requeued_run(two_nodes, job, run_dir)
+    assert info["NodeList"] == "nodeA,nodeB"
+    assert_stopped_requeued_and_exact(two_nodes, job, run_dir, two_node_reference)
+
+
+def assert_stopped_requeued_and_exact(cluster: SlurmCluster, job: int, run_dir: Path, reference: Path) -> None:
+    output = (cluster.scratch / "jobs").glob(f"*-{job}.out")
+    text = next(output).read_text(errors="replace")  # appended to by both runs of the job (--open-mode=append)
+    assert "exit code 75" in text and f"job {job} requeued" in text, text[-6000:]
+    assert "restart 1" in text, "the requeued run did not start"
+    stopped = re.search(r"stopped at step (\d+) on (SIG\w+)", text)
+    assert stopped and 7 <= int(stopped.group(1)) < 40 and stopped.group(2) == "SIGUSR1", text[-6000:]
+    assert not (run_dir / "checkpointed_stop.json").exists()  # the requeued run cleared the stopped run's marker
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    expected, got = losses_by_step(metric_rows(reference)), losses_by_step(metric_rows(run_dir))
+    assert sorted(got) == sorted(expected) == list(range(1, 41))
+    for step, loss in expected.items():
+        assert math.isclose(got[step], loss, rel_tol=1e-5, abs_tol=1e-6), (step, got[step], loss)
+    evals = lambda rows: {r["step"]: r["eval/law/loss"] for r in rows if "eval/law/loss" in r}  # noqa: E731
+    assert evals(metric_rows(run_dir)).keys() == evals(metric_rows(reference)).keys()
+    for step, loss in evals(metric_rows(reference)).items():
+        assert math.isclose(evals(metric_rows(run_dir))[step], loss, rel_tol=1e-5, abs_tol=1e-6), step
+    compare_traces(reference, run_dir)
+    for rank_trace in sorted((reference / "trace").glob("rank*.jsonl")):
+        assert sorted(trace_by_step(run_dir / "trace" / rank_trace.name)) == list(range(1, 41))
+

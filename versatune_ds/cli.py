@@ -5,7 +5,8 @@ Each command is a thin module in `versatune_ds.commands` with `HELP`, `add_argum
 no torch or deepspeed.
 
 A `UserError` (bad config, data, flag) is printed as one message on stderr with exit code 2; any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. Log lines and error messages have the environment's secrets
+redacted (`versatune_ds.redaction`, standard library only, so `--help` stays light).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Sequence
 
 from versatune_ds import __version__
 from versatune_ds.errors import UserError
+from versatune_ds.redaction import RedactingFormatter, redact
 
 # command name -> module under versatune_ds.commands
 COMMANDS: dict[str, str] = {
@@ -67,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args._run(args) or 0)
     except UserError as exc:
-        sys.stderr.write(f"versatune-ds {args.command}: error{_rank_prefix()}: {exc}\n")
+        sys.stderr.write(redact(f"versatune-ds {args.command}: error{_rank_prefix()}: {exc}") + "\n")
         code = 2
     except KeyboardInterrupt:
         sys.stderr.write(f"versatune-ds {args.command}: interrupted\n")
@@ -109,7 +111,7 @@ def _setup_logging(level: str) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
     tag = f"{socket.gethostname()}:{rank}"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(RedactingFormatter(f"%(asctime)s %(levelname)s [{tag}] %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level) if rank == 0 else max(logging.WARNING, getattr(logging, level)))

@@ -3,7 +3,12 @@
 `MetricsLogger` writes one JSON object per line with a "step" key to `<run_dir>/metrics.jsonl` (always,
 rank 0 only), and to TensorBoard / Weights & Biases when enabled. Both backends are imported lazily; a
 missing package is a clear error at start, not a crash later. Nothing secret is written: W&B reads its
-API key from its own environment/netrc, and we never copy environment variables into the run dir.
+API key from its own environment/netrc, and every string we write (metric names, W&B's run config) goes
+through `redaction.redact`. The W&B run id is kept in `<run_dir>/logging/wandb_run_id`, so a resumed run
+(`--resume auto`, a requeued Slurm job) continues the same W&B run instead of opening a new one.
+
+`log_eval_line` puts one line per evaluation on the console / Slurm log: every domain's held-out loss and
+current weight.
 
 `TrainProgress` shows a rich progress bar (step, loss, tokens/s, ETA) on rank 0 when stderr is a
 terminal, and plain log lines every `log_every` steps otherwise (batch jobs, CI logs).
@@ -21,16 +26,18 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from versatune_ds.errors import UserError
 from versatune_ds.files import write_text_atomic
+from versatune_ds.redaction import Redactor, redact
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_ID_FILE = "logging/wandb_run_id"
 
 
 def emit(text: str) -> None:
@@ -46,6 +53,26 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def _redacted_tree(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {redact(str(k)): _redacted_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_redacted_tree(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
+def wandb_run_id(run_dir: Path, generate: Any) -> str:
+    """The run directory's W&B run id: read from WANDB_RUN_ID_FILE, or made with `generate()` and saved there."""
+    path = run_dir / WANDB_RUN_ID_FILE
+    if path.is_file():
+        saved = path.read_text(encoding="utf-8").strip()
+        if saved:
+            return saved
+    run_id = str(generate())
+    write_text_atomic(path, run_id + "\n")
+    return run_id
+
+
 class JsonlWriter:
     """Append-only JSONL file, flushed after every line (a crash loses at most the line being written)."""
 
@@ -53,9 +80,11 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._redact = Redactor()  # keys and string values lose the environment's secrets
 
     def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps({k: _json_value(v) for k, v in record.items()}, separators=(",", ":")) + "\n")
+        clean = {self._redact(k): self._redact(v) if isinstance(v, str) else _json_value(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean, separators=(",", ":")) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -97,7 +126,6 @@ class MetricsLogger:
         wandb_project: str | None = None,
         wandb_run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
-        resume: bool = False,
     ) -> None:
         self.is_main = is_main
         self._jsonl: JsonlWriter | None = None
@@ -118,12 +146,16 @@ class MetricsLogger:
                 import wandb as wandb_module
             except ImportError:
                 raise UserError("logging.wandb=true needs the wandb package: pip install wandb") from None
+            # One W&B run per run directory: a resumed or requeued run continues it (resume="allow" also
+            # opens it fresh when the id is new to W&B, e.g. the first start).
+            run_id = wandb_run_id(run_dir, lambda: wandb_module.util.generate_id())
             self._wandb = wandb_module.init(
                 project=wandb_project or "versatune-ds",
                 name=wandb_run_name,
                 dir=str(run_dir),
-                config=dict(config or {}),
-                resume="allow" if resume else None,
+                config=_redacted_tree(dict(config or {})),
+                id=run_id,
+                resume="allow",
             )
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -146,6 +178,20 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def log_eval_line(
+    step: int, names: Sequence[str], losses: Sequence[float], metrics: Mapping[str, float],
+    stderrs: Sequence[float] | None = None,
+) -> None:
+    """One INFO line (rank 0's console and Slurm log) per evaluation: step, then per domain its held-out loss
+    (± its standard error when given) and its current weight (`mixture/<d>/weight` in `metrics`)."""
+    parts = []
+    for index, name in enumerate(names):
+        se = f" ± {stderrs[index]:.4f}" if stderrs is not None else ""
+        weight = metrics.get(f"mixture/{name}/weight")
+        parts.append(f"{name} {float(losses[index]):.4f}{se} (w {weight:.3f})" if weight is not None else f"{name} {float(losses[index]):.4f}{se}")
+    logger.info("eval step %d | %s", step, " | ".join(parts))
 
 
 def _format_eta(seconds: float) -> str:

@@ -6,11 +6,15 @@
          next global batch (this rank's slice, split into accumulation micro-batches) -> train_step
          -> metrics / trace -> every eval.every: per-domain eval, policy.after_eval -> sampler.set_weights
          -> every checkpoint.every: checkpoint
+         -> a stop signal or checkpoint.every_minutes: checkpoint (and, for a signal, exit 75)
     -> final eval + checkpoint -> export (final/) -> report/
 
 Every rank runs this same code; collectives happen in the same order on every rank (DESIGN.md §4).
 Decisions (new weights, skipping a non-finite step) are made collectively: the policy computes on
 rank 0 and broadcasts, `train_step` agrees on skips with one summed flag.
+
+Around the loop (`run_training`): rank 0 holds the run-directory lock (run_lock.py); stop signals set a flag the
+ranks agree on inside the step's token all_reduce (preemption.py).
 
 The loop talks to its three seams through `protocols` (TrainingEngine, WeightPolicy, Sampler);
 `engine_factory` lets a test run the whole loop in one process with a fake engine.
@@ -43,13 +47,16 @@ from versatune_ds.engine.train_engine import TrainEngine
 from versatune_ds.errors import UserError
 from versatune_ds.eval.heldout import evaluate_domain_losses, hf_forward
 from versatune_ds.files import write_text_atomic
-from versatune_ds.log import JsonlWriter, MetricsLogger, TrainProgress, truncate_jsonl
+from versatune_ds.log import JsonlWriter, MetricsLogger, TrainProgress, log_eval_line, truncate_jsonl
 from versatune_ds.mixture.build import build_weight_policy
 from versatune_ds.mixture.composition import DISTRIBUTION_STRATEGIES, largest_remainder_counts
 from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
+from versatune_ds.preemption import NUM_FLAGS, StopControl, clear_stop_marker, write_stop_marker
 from versatune_ds.probe.pipeline import read_distribution, run_probe
 from versatune_ds.protocols import Sampler, TrainingEngine, WeightPolicy
+from versatune_ds.redaction import redact
 from versatune_ds.report import build_report
+from versatune_ds.run_lock import RunDirLock
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ class TrainSummary:
     skipped_steps: int
     stopped_on_nonfinite: bool
     export_dir: Path | None
+    stopped_on_signal: str | None = None  # the signal's name: checkpointed and stopped (exit code 75), not finished
 
 
 def deepspeed_engine(cfg: RunConfig, ds_config: dict) -> TrainingEngine:
@@ -79,8 +87,24 @@ def run_training(
     resume: str = "auto",
     allow_config_change: bool = False,
     engine_factory: EngineFactory = deepspeed_engine,
+    force_unlock: bool = False,
 ) -> TrainSummary:
     """Train as `cfg` says; call on every rank (torchrun, the deepspeed launcher, srun, or one process)."""
+    # The stop-signal handlers and the run-directory lock live exactly as long as this call.
+    lock = RunDirLock(cfg.train.run_dir, stale_after_s=cfg.train.lock_stale_after_s, force=force_unlock)
+    stops = StopControl(cfg.train.stop_signals, cfg.checkpoint.every_minutes,
+                        is_main=dist.DistEnv.from_environ(default_port=cfg.dist.master_port).is_main)
+    stops.install()
+    try:
+        return _train(cfg, lock, stops, resume=resume, allow_config_change=allow_config_change, engine_factory=engine_factory)
+    finally:
+        stops.restore()
+        lock.release()
+
+
+def _train(
+    cfg: RunConfig, lock: RunDirLock, stops: StopControl, *, resume: str, allow_config_change: bool, engine_factory: EngineFactory
+) -> TrainSummary:
     env = dist.DistEnv.from_environ(default_port=cfg.dist.master_port)
     run_dir = Path(cfg.train.run_dir)
 
@@ -110,8 +134,10 @@ def run_training(
 
     # 2. Process group, resolved config.
     dist.start_process_group(env, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    lock.acquire(env)  # nothing is written into run_dir before this: a second run on it stops here
     if env.is_main:
-        write_text_atomic(run_dir / "config.yaml", config_to_yaml(cfg))
+        clear_stop_marker(run_dir)
+        write_text_atomic(run_dir / "config.yaml", redact(config_to_yaml(cfg)))
 
     # 3. Mixture: the probed distribution, the weight policy, the sampler.
     distribution = initial_distribution(cfg, env, run_dir, domains, tokenizer)
@@ -148,7 +174,7 @@ def run_training(
     metrics = MetricsLogger(
         run_dir, is_main=env.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
         wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name,
-        config=config_to_dict(cfg), resume=step > 0,
+        config=config_to_dict(cfg),
     )
 
     def evaluate_and_reweight(at_step: int) -> None:
@@ -157,6 +183,8 @@ def run_training(
         if new_weights is not None:
             sampler.set_weights(new_weights)  # identical on every rank: the policy broadcast them
         metrics.log(at_step, {**loss_metrics(domains, losses), **policy.metrics()})
+        # One console / Slurm-log line per evaluation; pass the losses' standard errors once evaluate() has them.
+        log_eval_line(at_step, domains.names, losses, policy.metrics(), stderrs=None)
 
     def save(at_step: int) -> None:
         state = {
@@ -168,6 +196,7 @@ def run_training(
             **resume_checks.config_state(cfg),
         }
         checkpoint.save_checkpoint(engine, run_dir, step=at_step, state=state, keep_last=cfg.checkpoint.keep_last, env=env)
+        stops.saved()
 
     # 5. The loop.
     if step == 0:
@@ -177,15 +206,18 @@ def run_training(
             metrics.log(0, policy.metrics())
     progress = TrainProgress(total_steps=cfg.train.max_steps, start_step=step, log_every=cfg.train.log_every, is_main=env.is_main)
     stopped = False
+    stop_signal: str | None = None
     last_eval = last_save = step
     try:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
             ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps)
             result = engine.train_step(micro_batches)
-            domain_tokens = dist.all_reduce_sum(
-                np.bincount(ids[:, 0], weights=[r.num_tokens for r in rows], minlength=len(domains))
-            )
+            # One all_reduce per step: the per-domain token counts and the stop / wall-clock flags (preemption.py).
+            summed = dist.all_reduce_sum(np.concatenate([
+                np.bincount(ids[:, 0], weights=[r.num_tokens for r in rows], minlength=len(domains)), stops.local_flags()
+            ]))
+            domain_tokens, decision = summed[:-NUM_FLAGS], stops.decide(summed[-NUM_FLAGS:])
             elapsed = time.perf_counter() - started
             step += 1
             if trace is not None:
@@ -216,25 +248,35 @@ def run_training(
             if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
                 save(step)
                 last_save = step
+            # After the step's regular evaluation and checkpoint, so a resumed run continues exactly.
+            if (decision.checkpoint or decision.stop) and last_save != step:
+                save(step)
+                last_save = step
+            if decision.stop:
+                stop_signal = stops.signal_name
+                break
     finally:
         progress.close()
-    if not stopped and last_eval != step:  # max_steps already reached when the run was started
+    halted = stopped or stop_signal is not None
+    if not halted and last_eval != step:  # max_steps already reached when the run was started
         evaluate_and_reweight(step)
-    if last_save != step and not stopped:
+    if last_save != step and not halted:
         save(step)
 
     # 6. Export the final model, write the report.
     export_dir = None
-    if cfg.export.at_end and not stopped:
+    if cfg.export.at_end and not halted:
         export_dir = export_from_engine(engine, tokenizer, run_dir / "final", cfg=cfg, env=env)
     metrics.close()
     if trace is not None:
         trace.close()
-    if env.is_main:
+    if stop_signal is not None:
+        finish_stop(run_dir, step, stop_signal, lock, env)
+    elif env.is_main:
         write_report(run_dir)
     if stopped:
         logger.error("stopped at step %d on a non-finite loss (train.on_nonfinite=stop); checkpoint saved", step)
-    return TrainSummary(run_dir, step, engine.skipped_steps, stopped, export_dir)
+    return TrainSummary(run_dir, step, engine.skipped_steps, stopped, export_dir, stopped_on_signal=stop_signal)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +291,17 @@ def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: 
         collate_rows(rows[k * micro : (k + 1) * micro], pad_token_id=data.pad_token_id, packed=data.packed) for k in range(accum)
     ]
     return ids, rows, micro_batches
+
+
+def finish_stop(run_dir: Path, step: int, signal_name: str, lock: RunDirLock, env: dist.DistEnv) -> None:
+    """Rank 0 leaves the launchers' marker and frees run_dir; the barrier keeps every rank alive until it has."""
+    if env.is_main:
+        latest = checkpoint.find_latest(run_dir)
+        write_stop_marker(run_dir, step=step, signal_name=signal_name, checkpoint=str(latest) if latest else None)
+        lock.release()
+        logger.warning("stopped at step %d on %s after checkpoint %s; run the same command again to continue -- exit code 75",
+                       step, signal_name, latest)
+    dist.barrier()
 
 
 def log_data_sources(data_cfg: DataConfig) -> None:

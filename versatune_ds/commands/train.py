@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-config-change", action="store_true", help="resume even if result-changing config keys differ from the checkpoint's"
     )
+    parser.add_argument(
+        "--force-unlock", action="store_true",
+        help="take over the run directory's lock (run.lock) from a run you know is dead, e.g. on a host that is gone",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from versatune_ds import dist
     from versatune_ds.config.loading import load_config
     from versatune_ds.errors import UserError
+    from versatune_ds.preemption import EXIT_CHECKPOINTED
     from versatune_ds.train import EXIT_STOPPED_NONFINITE, run_training
 
     logger = logging.getLogger(__name__)
@@ -34,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+        summary = run_training(cfg, resume=args.resume, allow_config_change=args.allow_config_change, force_unlock=args.force_unlock)
     except RuntimeError as exc:
         if not dist.is_collective_failure(exc):
             raise
@@ -49,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     dist.destroy()
     if summary.stopped_on_nonfinite:
         return EXIT_STOPPED_NONFINITE
+    if summary.stopped_on_signal is not None:
+        return EXIT_CHECKPOINTED  # checkpointed on a stop signal: run the same command again to continue
     logger.info("done: %d steps, %d skipped; run dir %s", summary.final_step, summary.skipped_steps, summary.run_dir)
     if summary.export_dir is not None:
         logger.info("model exported to %s", summary.export_dir)

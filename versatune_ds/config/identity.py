@@ -36,6 +36,8 @@ HASH_EXCLUDED_KEYS: tuple[str, ...] = (
     "train.run_dir",
     "train.log_every",
     "train.trace_samples",
+    "train.stop_signals",
+    "train.lock_stale_after_s",
     "checkpoint",
     "logging",
     "export",

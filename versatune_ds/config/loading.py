@@ -8,6 +8,9 @@ in the spirit of torchtune's config validation.
 
 Relative file paths in the YAML file are resolved against the file's own folder, relative paths given
 on the command line against the current directory, so a config works from wherever it is launched.
+
+YAML text is read through `config.yaml_source`, which bounds what hostile YAML can cost (size, nesting,
+alias expansion) and maps keys to lines.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
-from versatune_ds.config.schema import DEFAULT_DOMAIN_NAMES, HF_SOURCE_PREFIX, ConfigError, DomainConfig, RunConfig
+from versatune_ds.config.schema import DEFAULT_DOMAIN_NAMES, HF_SOURCE_PREFIX, MAX_REPORTED, ConfigError, DomainConfig, RunConfig
 from versatune_ds.config.validation import PATH_KEYS, path_exists, validate
+from versatune_ds.config.yaml_source import collect_lines, duplicate_keys, load_bounded
 from versatune_ds.errors import UserError
 
 
@@ -50,20 +52,16 @@ def load_config(
             raise UserError(f"config file not found: {path}") from None
         except UnicodeDecodeError as exc:
             raise UserError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        try:
-            node = yaml.compose(text)
-            loaded = yaml.safe_load(text)
-        except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date-like scalar such as 2020-13-45
-            raise UserError(f"config file {path} is not valid YAML{_yaml_reason(exc, str(path))}") from None
+        node, loaded = load_bounded(text, f"config file {path}", str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path} must hold a mapping of sections (model:, data:, ...), got {type(loaded).__name__}")
         raw = loaded
         if node is not None:
-            _collect_lines(node, "", lines)
+            collect_lines(node, "", lines)
             # PyYAML keeps the last of two equal keys without a word; a silently ignored setting is a trap.
-            twice = _duplicate_keys(node, "")
+            twice = duplicate_keys(node, "")
             if twice:
                 raise ConfigError([f"{key}: given twice (lines {a} and {b}); keep one" for key, a, b in twice], source)
         base_dir = file_path.resolve().parent
@@ -79,55 +77,6 @@ def load_config(
     if problems:
         raise ConfigError([_with_line(p, lines, source) for p in problems], source)
     return cfg
-
-
-def _yaml_reason(exc: Exception, source: str | None) -> str:
-    """`: <file>:<line>:<column>: <what>` from a YAML error, without PyYAML's multi-line source excerpt."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}: " if source else f"column {mark.column + 1}: "
-        what = "; ".join(part for part in (exc.context, exc.problem) if part)
-        return f": {where}{what}"
-    return f": {exc}"
-
-
-def _collect_lines(node: yaml.Node, prefix: str, lines: dict[str, int], active: frozenset[int] = frozenset()) -> None:
-    """Map dotted key paths to 1-based YAML line numbers, so errors can point at `file:line`."""
-    # An alias may point at one of its own ancestors (`a: &x [*x]`); stop there instead of recursing forever.
-    if id(node) in active:
-        return
-    active = active | {id(node)}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            lines[key] = key_node.start_mark.line + 1
-            _collect_lines(value_node, key, lines, active)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, child in enumerate(node.value):
-            key = f"{prefix}[{index}]"
-            lines[key] = child.start_mark.line + 1
-            _collect_lines(child, key, lines, active)
-
-
-def _duplicate_keys(node: yaml.Node, prefix: str, active: frozenset[int] = frozenset()) -> list[tuple[str, int, int]]:
-    """(dotted key, first line, second line) for every key written twice in the same YAML mapping."""
-    if id(node) in active:  # a recursive alias
-        return []
-    active = active | {id(node)}
-    found: list[tuple[str, int, int]] = []
-    if isinstance(node, yaml.MappingNode):
-        first_line: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if isinstance(key_node, yaml.ScalarNode) and key in first_line:
-                found.append((key, first_line[key], line))
-            first_line.setdefault(key, line)
-            found.extend(_duplicate_keys(value_node, key, active))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, child in enumerate(node.value):
-            found.extend(_duplicate_keys(child, f"{prefix}[{index}]", active))
-    return found
 
 
 def _with_line(problem: str, lines: Mapping[str, int], source: str | None) -> str:
@@ -210,10 +159,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key = key.strip()
     if not key:
         raise UserError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except (yaml.YAMLError, ValueError) as exc:  # ValueError: a date-like value such as 2020-13-45
-        raise UserError(f"override {item!r}: the value is not valid YAML{_yaml_reason(exc, None)}; quote it if it is text") from None
+    value = load_bounded(text, f"override {item!r}: the value", None, hint="; quote it if it is text")[1] if text.strip() else ""
     parts = key.split(".")
     node: Any = raw
     for depth, part in enumerate(parts[:-1]):
@@ -265,7 +211,8 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str], lines: Mapping
     for key, value in raw.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            # difflib costs ~0.5 ms a key: past MAX_REPORTED problems nobody reads the hint (hostile input has 10^4).
+            close = difflib.get_close_matches(str(key), names, n=1) if len(problems) < MAX_REPORTED else []
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             problems.append(_with_line(f"{path}: unknown key{hint}", lines, source))
             continue

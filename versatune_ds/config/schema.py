@@ -21,13 +21,19 @@ DEFAULT_DOMAIN_NAMES: tuple[str, ...] = ("law", "medicine", "finance", "science"
 HF_SOURCE_PREFIX = "hf:"
 
 
+# The message lists at most this many problems (a hostile file can have tens of thousands); `problems` has all.
+MAX_REPORTED = 50
+
+
 class ConfigError(UserError):
     """Every problem found in a config, one per line."""
 
     def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
         self.problems = tuple(problems)
         where = f" in {source}" if source else ""
-        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems]
+        lines = [f"{len(self.problems)} problem(s){where}:"] + [f"  - {p}" for p in self.problems[:MAX_REPORTED]]
+        if len(self.problems) > MAX_REPORTED:
+            lines.append(f"  ... and {len(self.problems) - MAX_REPORTED} more")
         super().__init__("\n".join(lines))
 
 
@@ -145,6 +151,10 @@ class TrainConfig:
     log_every: int = 1
     trace_samples: bool = False
     on_nonfinite: str = "skip"  # skip | stop
+    # Signals that make every rank checkpoint at the next step boundary and exit with code 75 (preemption.py).
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
+    # A run-directory lock from another host whose heartbeat is older than this is stale (run_lock.py).
+    lock_stale_after_s: int = 600
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500
+    every_minutes: float | None = None  # also checkpoint when this much wall-clock time passed since the last one
     keep_last: int = 2
     allow_config_change: bool = False
 
@@ -257,8 +268,10 @@ POSITIVE_INTS = (
     "mixture.block_size", "train.max_steps",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.log_every", "eval.every",
     "eval.micro_batch_size", "checkpoint.every", "checkpoint.keep_last", "dist.timeout_s", "probe.num_samples",
-    "probe.max_new_tokens", "probe.batch_size", "classifier.num_bootstrap",
+    "probe.max_new_tokens", "probe.batch_size", "classifier.num_bootstrap", "train.lock_stale_after_s",
 )
+# What train.stop_signals may name: signals a process can catch that launchers and Slurm send to stop a job.
+STOP_SIGNAL_NAMES: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGXCPU")
 NON_NEGATIVE_NUMBERS = (
     "train.learning_rate", "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "mixture.alpha",
     "mixture.beta", "mixture.eta", "mixture.warmup_steps", "mixture.target_ramp_steps", "probe.top_k",

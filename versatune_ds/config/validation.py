@@ -15,6 +15,7 @@ from versatune_ds.config.schema import (
     HF_SOURCE_PREFIX,
     NON_NEGATIVE_NUMBERS,
     POSITIVE_INTS,
+    STOP_SIGNAL_NAMES,
     TEMPLATE_NAMES,
     UNIT_INTERVAL,
     ColumnsConfig,
@@ -70,6 +71,14 @@ def validate(cfg: RunConfig, *, check_files: bool = True) -> list[str]:
         problems.append(f"mixture.max_change: given {cfg.mixture.max_change}; expected a number in (0, 1] or null for no cap")
     if cfg.mixture.reference_fallback_factor <= 0:
         problems.append(f"mixture.reference_fallback_factor: given {cfg.mixture.reference_fallback_factor}; expected a number > 0")
+    if cfg.checkpoint.every_minutes is not None and cfg.checkpoint.every_minutes <= 0:
+        problems.append(f"checkpoint.every_minutes: given {cfg.checkpoint.every_minutes}; expected a number > 0, or null for none")
+    for index, name in enumerate(cfg.train.stop_signals):
+        if name not in STOP_SIGNAL_NAMES:
+            problems.append(
+                f"train.stop_signals[{index}]: given {name!r}; expected signal names out of {', '.join(STOP_SIGNAL_NAMES)} "
+                "(SIGKILL and SIGSTOP cannot be caught), or [] for none"
+            )
     problems.extend(_validate_domains(cfg, check_files))
     return problems
 
@@ -108,6 +117,12 @@ def _validate_domains(cfg: RunConfig, check_files: bool = True) -> list[str]:
                 problems.append(f"mixture.{map_key}.{name}: given {value}; expected a number >= 0")
             elif map_key == "reference_losses" and value <= 0:
                 problems.append(f"mixture.{map_key}.{name}: given {value}; expected a number > 0")
+    if mixture.weights is not None and mixture.strategy != "fixed":
+        # Only `fixed` reads them; any other strategy would train on other weights without a word.
+        problems.append(
+            f"mixture.weights: given, but mixture.strategy is {mixture.strategy!r}, which does not use them; "
+            "set mixture.strategy=fixed or remove mixture.weights"
+        )
     if mixture.strategy == "fixed":
         missing = [n for n in names if n not in (mixture.weights or {})]
         if missing:

@@ -85,7 +85,7 @@ def run_training(
     run_dir = Path(cfg.train.run_dir)
 
     # 1. Everything that can be wrong with the setup fails here, before a process group or a model.
-    ds_config = build_ds_config(cfg, env.world_size)
+    build_ds_config(cfg, env.world_size)  # the run config's own batch setup, checked first
     resume_from = checkpoint.resolve_resume(run_dir, resume)
     if resume == "none" and checkpoint.find_latest(run_dir) is not None:
         raise UserError(
@@ -93,11 +93,14 @@ def run_training(
             "or choose a new train.run_dir"
         )
     saved = checkpoint.read_state(resume_from) if resume_from is not None else None
+    batch_cfg = cfg  # cfg with the accumulation steps that keep a checkpoint's global batch on this many ranks
     if saved is not None:
         resume_checks.check_config_unchanged(
-            saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
+            saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from),
+            world_size=env.world_size,
         )
-        resume_checks.check_world_size(saved, env.world_size, where=str(resume_from))
+        batch_cfg = resume_checks.keep_global_batch(saved, cfg, env.world_size, where=str(resume_from))
+    ds_config = build_ds_config(batch_cfg, env.world_size)
     log_data_sources(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)  # needs no process group; every rank reads the same cache
@@ -144,6 +147,9 @@ def run_training(
         truncate_jsonl(run_dir / "metrics.jsonl", keep_until)
     if cfg.train.trace_samples:
         truncate_jsonl(trace_path, keep_until)
+        if env.is_main:  # ranks that a resume on fewer ranks left without an owner
+            for stale in stale_traces(run_dir, env.world_size):
+                truncate_jsonl(stale, keep_until)
     trace = JsonlWriter(trace_path) if cfg.train.trace_samples else None
     metrics = MetricsLogger(
         run_dir, is_main=env.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -163,6 +169,7 @@ def run_training(
             "sampler": sampler.state_dict(),  # holds the mixture schedule
             "policy": policy.state_dict(),
             "skipped_steps": engine.skipped_steps,
+            "global_batch_size": ds_config["train_batch_size"],  # kept when resuming on another number of ranks
             "domain_names": list(domains.names),
             "data_fingerprints": [d.fingerprint for d in data.per_domain],
             **resume_checks.config_state(cfg),
@@ -181,7 +188,7 @@ def run_training(
     try:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
-            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps)
+            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, ds_config["gradient_accumulation_steps"])
             result = engine.train_step(micro_batches)
             domain_tokens = dist.all_reduce_sum(
                 np.bincount(ids[:, 0], weights=[r.num_tokens for r in rows], minlength=len(domains))
@@ -249,6 +256,16 @@ def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: 
         collate_rows(rows[k * micro : (k + 1) * micro], pad_token_id=data.pad_token_id, packed=data.packed) for k in range(accum)
     ]
     return ids, rows, micro_batches
+
+
+def stale_traces(run_dir: Path, world_size: int) -> list[Path]:
+    """Trace files of ranks >= `world_size` (written before a resume on fewer ranks)."""
+    found = []
+    for path in (run_dir / "trace").glob("rank*.jsonl"):
+        suffix = path.stem[len("rank"):]
+        if suffix.isdigit() and int(suffix) >= world_size:
+            found.append(path)
+    return sorted(found)
 
 
 def log_data_sources(data_cfg: DataConfig) -> None:

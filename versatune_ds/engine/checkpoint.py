@@ -26,7 +26,10 @@ the older checkpoints are untouched.
 at save time: a folder without the state file (killed while saving), a truncated or missing shard,
 or a missing / dangling `latest` is reported by name and the previous complete checkpoint is used.
 
-What a resume may change is checked before any model is loaded, in `engine.resume_checks`.
+What a resume may change is checked before any model is loaded, in `engine.resume_checks`. A checkpoint is
+not tied to the number of ranks that wrote it: `TrainEngine.load` redistributes ZeRO-3 shards written by another
+number of ranks (`engine.reshard`), and a rank the saving run did not have starts from a seeded RNG (the RNG
+only drives dropout; the sample order does not use it).
 """
 
 from __future__ import annotations
@@ -98,6 +101,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(decode(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(decode(state["cuda"]))
+
+
+def seed_rng(seed: int) -> None:
+    """Seed python, numpy and torch (and CUDA) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +331,8 @@ def load_checkpoint(engine: TrainingEngine, folder: str | os.PathLike[str], env:
     try:
         with weights_only_loading():
             client = engine.load(str(folder.parent), folder.name)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 -- unreadable files surface as OSError, RuntimeError, EOFError, UnpicklingError
         if dist.is_collective_failure(exc):
             raise
@@ -331,7 +343,12 @@ def load_checkpoint(engine: TrainingEngine, folder: str | os.PathLike[str], env:
     if client.get("versatune_step", state["step"]) != state["step"]:
         raise UserError(f"checkpoint {folder} is inconsistent: DeepSpeed state is for step {client.get('versatune_step')}")
     rng_file = folder / f"rng_rank{env.rank}.json"
-    restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    if env.rank < int(state.get("world_size", env.world_size)):
+        restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    else:  # a rank the saving run did not have (resumed on more ranks): a fresh, reproducible seed
+        seed_rng(int(state["step"]) * 1_000_003 + env.rank)
+        logger.info("rank %d has no RNG state in %s (written by %s ranks): seeded from the step and the rank",
+                    env.rank, folder, state.get("world_size"))
     logger.info("resumed from %s (step %d)", folder, state["step"])
     return state
 

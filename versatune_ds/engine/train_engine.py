@@ -27,6 +27,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 
 from versatune_ds import dist
 from versatune_ds.config.schema import TrainConfig
-from versatune_ds.engine import zero
+from versatune_ds.engine import reshard, zero
 from versatune_ds.engine.ds_config import offloads_optimizer
 from versatune_ds.engine.losses import CausalLMLoss, count_loss_tokens
 from versatune_ds.engine.models import zero_stage
@@ -198,7 +199,15 @@ class TrainEngine:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str) -> dict:
-        """Restore a checkpoint saved by `save`; returns the client state (call on every rank)."""
+        """Restore a checkpoint saved by `save`; returns the client state (call on every rank).
+
+        A ZeRO-3 checkpoint written by another number of ranks is redistributed (`engine.reshard`); ZeRO-0
+        checkpoints hold no per-rank state and load on any number of ranks as they are.
+        """
+        folder = Path(directory) / tag
+        saved = reshard.saved_world_size(folder) if folder.is_dir() else None
+        if saved is not None and saved != self.world_size:
+            return reshard.load_resharded(self.engine, folder)
         path, client_state = self.engine.load_checkpoint(
             directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

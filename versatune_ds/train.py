@@ -38,7 +38,7 @@ from versatune_ds.engine import checkpoint, resume_checks
 from versatune_ds.engine.ds_config import build_ds_config
 from versatune_ds.engine.export import export_from_engine
 from versatune_ds.engine.memory import preflight_warning
-from versatune_ds.engine.models import load_inference_model, load_model, zero_stage
+from versatune_ds.engine.models import check_position_limit, load_inference_model, load_model, zero_stage
 from versatune_ds.engine.train_engine import TrainEngine
 from versatune_ds.errors import UserError
 from versatune_ds.eval.heldout import evaluate_domain_losses, hf_forward
@@ -86,6 +86,7 @@ def run_training(
 
     # 1. Everything that can be wrong with the setup fails here, before a process group or a model.
     build_ds_config(cfg, env.world_size)  # the run config's own batch setup, checked first
+    check_position_limit(cfg.model, cfg.data.seq_len)
     resume_from = checkpoint.resolve_resume(run_dir, resume)
     if resume == "none" and checkpoint.find_latest(run_dir) is not None:
         raise UserError(

@@ -117,3 +117,11 @@ def full_gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if grad is not None:
             out[name] = grad.detach().float().cpu()
     return out
+
+
+def lazy_fp32_state_dict(checkpoint_root: str, tag: str) -> dict[str, Any]:
+    """DeepSpeed's lazy zero_to_fp32 state dict (values with `.contiguous()`), files read with weights_only=True."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loading():
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_root, tag=tag, lazy_mode=True)

@@ -18,8 +18,8 @@ labels are -100 (with assistant-only loss most positions are). This path never b
    gradient, so nothing is recomputed and no chunk's logits outlive the chunk. The same idea as the "fused
    linear cross-entropy" of Liger-Kernel and of Apple's Cut Cross-Entropy; this is our own code.
 
-Memory of the head: one chunk of logits (`chunk_rows x vocab`, fp32 and the model dtype) and the weight's
-gradient (`vocab x hidden`, model dtype, which the plain path produces too), instead of
+Memory of the head: one chunk of logits (`chunk_rows x vocab`, fp32, worked on in place; plus its model-dtype
+original while it is cast) and the weight's gradient (`vocab x hidden`, model dtype, which the plain path produces too), instead of
 `batch x seq x vocab x (2 + 4 + 4 + 4)` bytes.
 
 Models whose causal-LM forward is not exactly `lm_head(last hidden states)` (logit scaling or soft-capping,
@@ -125,22 +125,21 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
-            # The same numerics as the plain path: logits in the model dtype, softmax and loss in fp32.
-            logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            exp_logits, sums, lse, picked = _exp_logits(h, weight, bias, t)
+            total += (lse - picked).sum()
             if not wants_grads:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs = exp_logits.div_(sums[:, None])  # softmax, still in the one chunk buffer
             probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
             g = probs.mul_(grad_scale).to(hidden.dtype)
-            del probs, logits
+            del probs, exp_logits
             if grad_hidden is not None:
                 torch.mm(g, weight, out=grad_hidden[start : start + chunk_rows])
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), h)
             if grad_bias is not None:
                 grad_bias += g.sum(0)
+            del g  # before the next chunk's logits exist: one chunk buffer at a time
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.grad_scale = grad_scale
         return total
@@ -172,10 +171,25 @@ def linear_token_losses(
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_rows):
-            logits = F.linear(hidden[start : start + chunk_rows], weight, bias).float()
-            t = targets[start : start + chunk_rows]
-            out[start : start + chunk_rows] = torch.logsumexp(logits, dim=-1) - logits.gather(1, t[:, None]).squeeze(1)
+            _, _, lse, picked = _exp_logits(hidden[start : start + chunk_rows], weight, bias, targets[start : start + chunk_rows])
+            out[start : start + chunk_rows] = lse - picked
     return out
+
+
+def _exp_logits(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp(logits - rowmax) fp32 [c, V], its row sums, logsumexp [c], target logits [c]) in one [c, V] fp32 buffer.
+
+    The same numerics as the plain path: logits in the model dtype, then fp32; torch.logsumexp's max trick, done
+    in place (logsumexp itself would allocate a second [c, V] buffer).
+    """
+    logits = F.linear(h, weight, bias).float()
+    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    rowmax = logits.amax(dim=-1, keepdim=True)
+    exp_logits = logits.sub_(rowmax).exp_()
+    sums = exp_logits.sum(-1)
+    return exp_logits, sums, sums.log().add_(rowmax.squeeze(1)), picked
 
 
 def _chunked_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:

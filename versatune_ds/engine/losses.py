@@ -17,7 +17,6 @@ above over their logits. Training (`TrainEngine`) and evaluation (`forward_loss_
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,8 +32,6 @@ from versatune_ds.engine.chunked_loss import (
     output_layer,
     requested_loss,
 )
-
-logger = logging.getLogger(__name__)
 
 
 def shifted_labels(labels: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -126,6 +126,11 @@ def test_evaluate_reweight_checkpoint_and_resume_in_one_process(loop_config) -> 
     state = json.loads((run_dir / "checkpoints" / "step_00000008" / "versatune_state.json").read_text())
     assert state["sampler"]["consumed_samples"] == 8 * 4 and "schedule" in state["sampler"] and "schedule" not in state
     assert state["policy"]["num_records"] == 3
+    # ... and the weights reached the sampler: its schedule switched to each update's item weights.
+    stages = state["sampler"]["schedule"]["stages"]
+    assert len(stages) >= 2
+    last_update = mixture["updates"][2]  # the one at step 8, the newest in this checkpoint
+    assert stages[-1]["weights"] == pytest.approx([last_update["item_weights"][d] for d in TEST_DOMAINS])
 
     # A crash after step 9, then --resume auto from step 8: the same rows, losses and weights as without it.
     crashed = loop_config("crashed")

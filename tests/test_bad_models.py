@@ -11,7 +11,6 @@ with a sidecar `<case>.expect` of regular expressions that must all be found in 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -48,21 +47,12 @@ def _argv(command: str, case: dict, folder: Path, tmp_path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case_file", CASES, ids=[p.stem for p in CASES])
-def test_bad_model_folder(case_file: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from versatune_ds import cli
-
+def test_bad_model_folder(case_file: Path, tiny_model_dir: Path, tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     case = json.loads(case_file.read_text())
     folder = _build(case, tiny_model_dir, tmp_path / "model")
     expectations = [line for line in case_file.with_suffix(".expect").read_text().splitlines() if line.strip()]
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
     for command in case["commands"]:
-        try:
-            code = cli.main(_argv(command, case, folder, tmp_path))
-        finally:
-            root.handlers[:] = saved[0]
-            root.setLevel(saved[1])
-        err = capsys.readouterr().err
+        code, _, err = run_cli(_argv(command, case, folder, tmp_path))
         assert "Traceback" not in err, f"{command}: traceback instead of a message:\n{err}"
         assert code == 2, f"{command}: exit code {code}:\n{err}"
         for pattern in expectations:

@@ -193,24 +193,3 @@ def test_full_disk_during_export_leaves_nothing_behind_and_keeps_the_earlier_exp
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
-
-@pytest.fixture()
-def run_cli(capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
-    """`versatune_ds.cli.main(argv)` in-process -> (exit code, stdout, stderr); the root logger restored afterwards."""
-    import logging
-
-    from versatune_ds import cli
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-
-    def run(argv: list[str]) -> tuple[int, str, str]:
-        try:
-            code = cli.main(argv)
-        finally:
-            root.handlers[:] = saved[0]
-            root.setLevel(saved[1])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run

@@ -16,7 +16,8 @@ The estimate is what `estimate-memory --config <the same run config> --nodes 1 -
 | smollm2_gc | the same with gradient checkpointing | 2 | 512 x 2 | the checkpointed activations |
 | probe128k_plain / _chunked | a Llama with Llama 3's 128 256 vocabulary, hidden 64 | 1 | 4096 x 1 | the loss path |
 
-Data: the six domains of ../shared/data/sft (VERSATUNE_SHARED_DATA), else data/sample. Mixture `uniform` (no
+`--reuse-measurements` keeps runs already measured (bench/out/memory_estimate/<job>/measured.json) and recomputes
+only the estimates. Data: the six domains of ../shared/data/sft (VERSATUNE_SHARED_DATA), else data/sample. Mixture `uniform` (no
 probe: the estimate covers training, evaluation, checkpoints and the export at the end). Results:
 bench/results/memory_estimate.{json,md}. RSS does not depend on timing; a loaded machine is fine, a machine
 short of memory is not (the probe's plain job needs ~7 GiB).
@@ -167,27 +168,30 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for name in args.jobs:
         folder = OUT / "memory_estimate" / name
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        measured_file = folder / "measured.json"
         config, ranks, extra = job_config(name, folder, args.steps)
         config_file = folder / "run.yaml"
-        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        marks = folder / "marks.jsonl"
-        peaks = run_ranks(["train", "--config", str(config_file)], nproc=ranks, log_dir=folder, threads=args.threads,
-                          extra_env={**extra, "BENCH_MEMORY_MARKS": str(marks)},
-                          command=[sys.executable, str(Path(__file__).resolve()), "--rank-worker"])
-        if any(peaks.exit_codes):
-            raise SystemExit(f"{name}: a rank failed ({peaks.exit_codes}); logs in {folder}")
+        if not (args.reuse_measurements and measured_file.is_file()):
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+            peaks = run_ranks(["train", "--config", str(config_file)], nproc=ranks, log_dir=folder, threads=args.threads,
+                              extra_env={**extra, "BENCH_MEMORY_MARKS": str(folder / "marks.jsonl")},
+                              command=[sys.executable, str(Path(__file__).resolve()), "--rank-worker"])
+            if any(peaks.exit_codes):
+                raise SystemExit(f"{name}: a rank failed ({peaks.exit_codes}); logs in {folder}")
+            measured_file.write_text(json.dumps({"peak_rss_bytes": peaks.peak_rss_bytes, "seconds": peaks.seconds}))
+        measured = json.loads(measured_file.read_text())
         cfg = load_config(config_file)
         estimate = estimate_run(cfg, nodes=1, gpus_per_node=ranks, device="cpu", chunked_loss=not name.endswith("plain"))
         phases = [json.loads(line) for line in (folder / "marks_rank0.jsonl").read_text().splitlines()]
-        measured = peaks.max_bytes
-        row = {"job": name, "ranks": ranks, "measured_peak_rss_mib": [round(p / MIB, 1) for p in peaks.peak_rss_bytes],
+        peak = max(measured["peak_rss_bytes"])
+        row = {"job": name, "ranks": ranks, "measured_peak_rss_mib": [round(p / MIB, 1) for p in measured["peak_rss_bytes"]],
                "estimate_mib": round(estimate.host_per_rank_bytes / MIB, 1),
-               "error": estimate.host_per_rank_bytes / measured - 1, "seconds": round(peaks.seconds, 1),
+               "error": estimate.host_per_rank_bytes / peak - 1, "seconds": round(measured["seconds"], 1),
                "estimate_parts_mib": {k: round(v / MIB, 1) for k, v in estimate.host_parts.items()},
                "phases_rank0": phases}
         rows.append(row)
@@ -224,6 +228,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="memory_estimate", help="results file name under bench/results/")
+    parser.add_argument("--reuse-measurements", action="store_true",
+                        help="keep the runs already measured under bench/out/memory_estimate/<job>/ (recompute the estimates only)")
     run(parser.parse_args())
 
 

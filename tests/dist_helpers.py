@@ -58,6 +58,51 @@ def launch_command(args: Sequence[str], *, nproc: int = 2, launcher: str = "torc
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): torchrun (torch >= 2.12) starts its workers in sessions of their
+    own, so killing torchrun's process group alone leaves the ranks running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL `pid`'s process group and every process below it; returns the pids signalled."""
+    targets = [pid, *_descendants(pid)]
+    for target in targets:
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+    return targets
+
+
+def _wait_gone(pids: Sequence[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except OSError:
+                pass
+        if not alive:
+            return
+        time.sleep(0.05)
+
+
 def launch(
     args: Sequence[str], *, nproc: int = 2, launcher: str = "torchrun", script: str | None = None,
     timeout: float = 300, cwd: str | Path | None = None, extra_env: dict[str, str] | None = None,
@@ -69,7 +114,7 @@ def launch(
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout} s: {' '.join(cmd)}\n{out[-4000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
@@ -90,15 +135,17 @@ def run_until_killed(
                                 start_new_session=True)
         deadline = time.monotonic() + timeout
         killed = False
+        signalled: list[int] = []
         while proc.poll() is None and time.monotonic() < deadline:
             if kill_when():
-                os.killpg(proc.pid, signal.SIGKILL)
+                signalled = kill_tree(proc.pid)
                 killed = True
                 break
             time.sleep(poll_s)
         if proc.poll() is None and not killed:
-            os.killpg(proc.pid, signal.SIGKILL)
+            signalled = kill_tree(proc.pid)
         proc.wait()
+        _wait_gone(signalled[1:])  # the ranks are gone before anything else starts
     out = log.read_text(errors="replace")
     log.unlink()
     return killed, out

@@ -129,7 +129,30 @@ def test_changed_data_is_refused_naming_the_domain() -> None:
         resume_checks.check_data_unchanged(state, ["law", "math"], ["aa", "cc"], where="c")
 
 
-def test_another_world_size_is_refused() -> None:
-    resume_checks.check_world_size({"world_size": 2}, 2, where="c")
-    with pytest.raises(UserError, match="written by 2 ranks, this run has 4; resume with 2 ranks"):
-        resume_checks.check_world_size({"world_size": 2}, 4, where="c")
+def test_another_world_size_keeps_the_global_batch_by_changing_accumulation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    cfg = _cfg(tmp_path, "train.micro_batch_size=2", "train.gradient_accumulation_steps=2")
+    state = {**resume_checks.config_state(cfg), "world_size": 2, "global_batch_size": 8}
+    assert resume_checks.keep_global_batch(state, cfg, 2, where="c") is cfg
+    with caplog.at_level(logging.INFO, logger="versatune_ds.engine.resume_checks"):
+        one = resume_checks.keep_global_batch(state, cfg, 1, where="c")
+    assert one.train.gradient_accumulation_steps == 4 and one.train.micro_batch_size == 2
+    assert "train.gradient_accumulation_steps 2 -> 4 keeps the global batch of 8 rows" in caplog.text
+    assert resume_checks.keep_global_batch(state, cfg, 4, where="c").train.gradient_accumulation_steps == 1
+    with pytest.raises(UserError) as error:  # 8 rows cannot be split over 3 ranks x 2 rows
+        resume_checks.keep_global_batch(state, cfg, 3, where="c")
+    message = str(error.value)
+    assert "global batch of 8 rows" in message and "(1, 2, 4)" in message and "start a new run_dir" in message
+    with pytest.raises(UserError, match="16 rows is more than that"):  # 8 ranks x 2 rows > 8 rows
+        resume_checks.keep_global_batch(state, cfg, 8, where="c")
+    # The same global batch written as another split is not a config change; another global batch is.
+    split = _cfg(tmp_path, "train.micro_batch_size=4", "train.gradient_accumulation_steps=2")
+    assert resume_checks.check_config_unchanged(state, split, allow_change=False, where="c", world_size=1) == []
+    with pytest.raises(UserError, match=r"train\.micro_batch_size: 2 -> 4"):
+        resume_checks.check_config_unchanged(state, split, allow_change=False, where="c", world_size=2)
+
+
+def test_the_global_batch_of_older_checkpoints_is_derived_from_their_config(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "train.micro_batch_size=3", "train.gradient_accumulation_steps=2")
+    assert resume_checks.saved_global_batch({**resume_checks.config_state(cfg), "world_size": 2}) == 12

@@ -15,7 +15,7 @@ from versatune_ds.resources import shipped_path
 
 DS_CONFIG_DIR = shipped_path("ds_configs")
 
-SHIPPED = ("zero2.json", "zero3.json", "zero3_offload.json", "zero3_offload_nvme.json")
+SHIPPED = ("zero2.json", "zero3.json", "zero3_offload_optimizer.json", "zero3_offload.json", "zero3_offload_nvme.json")
 
 
 def _cfg(tmp_path: Path, ds: dict | str, *overrides: str):

@@ -344,7 +344,7 @@ def _poison_and_run(poison_step: int, poison_rank: int, value: str, argv: list[s
 
     rank = int(os.environ.get("RANK", "0"))
     original_step = engine_module.TrainEngine.train_step
-    original_sum = engine_module.token_loss_sum
+    original_sum = engine_module.CausalLMLoss.loss_sum
     state = {"steps": 0, "active": False}
 
     def train_step(self, micro_batches):  # type: ignore[no-untyped-def]
@@ -355,14 +355,14 @@ def _poison_and_run(poison_step: int, poison_rank: int, value: str, argv: list[s
         finally:
             state["active"] = False
 
-    def token_loss_sum(logits, labels):  # type: ignore[no-untyped-def]
-        loss_sum = original_sum(logits, labels)
+    def loss_sum(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loss_sum = original_sum(self, *args, **kwargs)
         if state["active"]:
             loss_sum = loss_sum + torch.tensor(float(value))  # keeps the graph: the backward sees it too
         return loss_sum
 
     engine_module.TrainEngine.train_step = train_step
-    engine_module.token_loss_sum = token_loss_sum
+    engine_module.CausalLMLoss.loss_sum = loss_sum
     return cli.main(argv)
 
 

@@ -25,7 +25,7 @@ SAMPLE = REPO / "data" / "sample"
 # Shipped configs whose data is in the repository: these must validate with every check on.
 SELF_CONTAINED = {"sample_tiny.yaml", "expansion_code.yaml"}
 # Cluster examples: world sizes they are written for (see the comment at the top of each file).
-CLUSTER_WORLD = {"llama3_8b_zero3.yaml": 16, "llama3_70b_zero3_offload.yaml": 32}
+CLUSTER_WORLD = {"llama3_8b_zero3.yaml": 16, "llama3_70b_zero3.yaml": 32, "llama3_70b_zero3_offload.yaml": 8}
 
 
 def _load(path: Path) -> tuple[RunConfig, tuple[str, ...]]:

@@ -42,7 +42,7 @@ from versatune_ds.engine import checkpoint, resume_checks
 from versatune_ds.engine.ds_config import build_ds_config
 from versatune_ds.engine.export import export_from_engine
 from versatune_ds.engine.memory import preflight_warning
-from versatune_ds.engine.models import load_inference_model, load_model, zero_stage
+from versatune_ds.engine.models import check_position_limit, load_inference_model, load_model, zero_stage
 from versatune_ds.engine.train_engine import TrainEngine
 from versatune_ds.errors import UserError
 from versatune_ds.eval.heldout import evaluate_domain_losses, hf_forward
@@ -109,7 +109,8 @@ def _train(
     run_dir = Path(cfg.train.run_dir)
 
     # 1. Everything that can be wrong with the setup fails here, before a process group or a model.
-    ds_config = build_ds_config(cfg, env.world_size)
+    build_ds_config(cfg, env.world_size)  # the run config's own batch setup, checked first
+    check_position_limit(cfg.model, cfg.data.seq_len)
     resume_from = checkpoint.resolve_resume(run_dir, resume)
     if resume == "none" and checkpoint.find_latest(run_dir) is not None:
         raise UserError(
@@ -117,11 +118,14 @@ def _train(
             "or choose a new train.run_dir"
         )
     saved = checkpoint.read_state(resume_from) if resume_from is not None else None
+    batch_cfg = cfg  # cfg with the accumulation steps that keep a checkpoint's global batch on this many ranks
     if saved is not None:
         resume_checks.check_config_unchanged(
-            saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from)
+            saved, cfg, allow_change=allow_config_change or cfg.checkpoint.allow_config_change, where=str(resume_from),
+            world_size=env.world_size,
         )
-        resume_checks.check_world_size(saved, env.world_size, where=str(resume_from))
+        batch_cfg = resume_checks.keep_global_batch(saved, cfg, env.world_size, where=str(resume_from))
+    ds_config = build_ds_config(batch_cfg, env.world_size)
     log_data_sources(cfg.data)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)  # needs no process group; every rank reads the same cache
@@ -170,6 +174,9 @@ def _train(
         truncate_jsonl(run_dir / "metrics.jsonl", keep_until)
     if cfg.train.trace_samples:
         truncate_jsonl(trace_path, keep_until)
+        if env.is_main:  # ranks that a resume on fewer ranks left without an owner
+            for stale in stale_traces(run_dir, env.world_size):
+                truncate_jsonl(stale, keep_until)
     trace = JsonlWriter(trace_path) if cfg.train.trace_samples else None
     metrics = MetricsLogger(
         run_dir, is_main=env.is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
@@ -191,6 +198,7 @@ def _train(
             "sampler": sampler.state_dict(),  # holds the mixture schedule
             "policy": policy.state_dict(),
             "skipped_steps": engine.skipped_steps,
+            "global_batch_size": ds_config["train_batch_size"],  # kept when resuming on another number of ranks
             "domain_names": list(domains.names),
             "data_fingerprints": [d.fingerprint for d in data.per_domain],
             **resume_checks.config_state(cfg),
@@ -211,7 +219,7 @@ def _train(
     try:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
-            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps)
+            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, ds_config["gradient_accumulation_steps"])
             result = engine.train_step(micro_batches)
             # One all_reduce per step: the per-domain token counts and the stop / wall-clock flags (preemption.py).
             summed = dist.all_reduce_sum(np.concatenate([
@@ -302,6 +310,16 @@ def finish_stop(run_dir: Path, step: int, signal_name: str, lock: RunDirLock, en
         logger.warning("stopped at step %d on %s after checkpoint %s; run the same command again to continue -- exit code 75",
                        step, signal_name, latest)
     dist.barrier()
+
+
+def stale_traces(run_dir: Path, world_size: int) -> list[Path]:
+    """Trace files of ranks >= `world_size` (written before a resume on fewer ranks)."""
+    found = []
+    for path in (run_dir / "trace").glob("rank*.jsonl"):
+        suffix = path.stem[len("rank"):]
+        if suffix.isdigit() and int(suffix) >= world_size:
+            found.append(path)
+    return sorted(found)
 
 
 def log_data_sources(data_cfg: DataConfig) -> None:

@@ -1,4 +1,5 @@
-"""`versatune-ds check-config`: validate a run config and print it resolved, with the final DeepSpeed config."""
+"""`versatune-ds check-config`: validate a run config (and data.seq_len against the model's positions) and print it
+resolved, with the final DeepSpeed config."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
     from versatune_ds.config.loading import load_config
     from versatune_ds.dist import DistEnv
     from versatune_ds.engine.ds_config import build_ds_config, resolve_ds_config_path
+    from versatune_ds.engine.models import check_position_limit
     from versatune_ds.log import emit
 
     cfg = load_config(args.config, args.overrides)
+    check_position_limit(cfg.model, cfg.data.seq_len)  # reads the model's config.json, no weights
     world_size = args.world_size if args.world_size is not None else DistEnv.from_environ().world_size
     ds = build_ds_config(cfg, world_size)
     logging.getLogger(__name__).info(

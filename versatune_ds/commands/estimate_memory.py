@@ -1,36 +1,32 @@
-"""`versatune-ds estimate-memory`: per-GPU and per-node memory for ZeRO-2/3, with and without offload."""
+"""`versatune-ds estimate-memory`: accelerator, host and disk memory a run needs, from its config (no weights read)."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "per-GPU and per-node memory for ZeRO-2/3, with and without offload"
+HELP = "memory per GPU, host memory per node and disk a run needs, read from its run config (no weights are read)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder or its config.json (no weights are read)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="run config YAML: model, data.seq_len, micro-batch, checkpointing, DeepSpeed config")
+    source.add_argument("--model", help="a model folder or its config.json alone (bf16, seq_len 4096, micro-batch 1, "
+                                        "gradient checkpointing, ZeRO-3; change them with key=value overrides)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.seq_len=8192 deepspeed.config=zero3_offload")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--offload", action="store_true", help="show only the CPU-offload setups")
-    parser.add_argument("--buffer-factor", type=float, default=1.5, help="DeepSpeed's additional_buffer_factor")
-    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: every rank's memory is host memory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import asdict
 
-    from versatune_ds.engine.memory import count_parameters, estimate_memory, format_table
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.engine.memory import build_report, default_run_config, format_report
     from versatune_ds.log import emit
 
-    size = count_parameters(args.model, trust_remote_code=args.trust_remote_code)
-    estimates = estimate_memory(size, nodes=args.nodes, gpus_per_node=args.gpus_per_node, buffer_factor=args.buffer_factor)
-    if args.offload:
-        estimates = [e for e in estimates if e.offload_optimizer]
-    if args.json:
-        emit(json.dumps({"model": asdict(size), "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
-                         "estimates": [{**asdict(e), "label": e.label} for e in estimates]}, indent=2))
-    else:
-        emit(format_table(size, estimates, nodes=args.nodes, gpus_per_node=args.gpus_per_node))
+    cfg = load_config(args.config, args.overrides, check_files=False) if args.config else default_run_config(args.model, args.overrides)
+    report = build_report(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=args.device)
+    emit(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

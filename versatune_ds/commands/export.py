@@ -12,6 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None, help="checkpoint tag (e.g. step_00000100) or folder; default: the latest")
     parser.add_argument("--out", required=True, help="folder to write the Hugging Face model to")
     parser.add_argument("--dtype", default=None, choices=["auto", "bf16", "fp16", "fp32"], help="override export.dtype")
+    parser.add_argument(
+        "--max-shard-size", default="5GB",
+        help="largest safetensors file, e.g. 5GB, 500MB (host memory needed: about one shard plus the largest tensor)",
+    )
+    parser.add_argument(
+        "--force", action="store_true",
+        help="replace a non-empty --out folder that is not an earlier export (never the run directory or its checkpoints)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,5 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     if DistEnv.from_environ().rank != 0:
         return 0  # consolidation reads files only; rank 0 does it alone
-    export_run(args.run_dir, args.out, checkpoint_tag=args.checkpoint, dtype=args.dtype)
+    export_run(
+        args.run_dir, args.out, checkpoint_tag=args.checkpoint, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force
+    )
     return 0

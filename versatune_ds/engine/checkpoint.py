@@ -26,7 +26,10 @@ the older checkpoints are untouched.
 at save time: a folder without the state file (killed while saving), a truncated or missing shard,
 or a missing / dangling `latest` is reported by name and the previous complete checkpoint is used.
 
-What a resume may change is checked before any model is loaded, in `engine.resume_checks`.
+What a resume may change is checked before any model is loaded, in `engine.resume_checks`. A checkpoint is
+not tied to the number of ranks that wrote it: `TrainEngine.load` redistributes ZeRO-3 shards written by another
+number of ranks (`engine.reshard`), and a rank the saving run did not have starts from a seeded RNG (the RNG
+only drives dropout; the sample order does not use it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 
 from versatune_ds import dist
 from versatune_ds.engine.zero import weights_only_loading
@@ -100,6 +104,13 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(decode(state["cuda"]))
 
 
+def seed_rng(seed: int) -> None:
+    """Seed python, numpy and torch (and CUDA) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 # ----------------------------------------------------------------------------------------------
 # Save, rotate, find
 
@@ -118,7 +129,8 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         if folder.exists():  # a half-written save of this step from a killed run
             shutil.rmtree(folder)
-    dist.barrier()
+    with _peer_failures_as_collective_errors(folder):
+        dist.barrier()
     failure: str | None = None
     files: dict[str, int] = {}
     with _recording_write_errors(engine) as write_errors:
@@ -128,15 +140,19 @@ def save_checkpoint(
             write_text_atomic(folder / f"rng_rank{env.rank}.json", json.dumps(capture_rng_state()))
             files = _own_file_sizes(folder, env.rank)
         except (OSError, RuntimeError) as exc:  # DeepSpeed writes outside its checkpoint engine, our RNG file
+            if _is_peer_failure(exc):  # DeepSpeed's own collectives inside the save: another rank died or hangs
+                raise _collective_error(folder, exc) from exc
             write_errors.append(f"{folder}: {type(exc).__name__}: {exc}")
     failure = write_errors[0] if write_errors else None
     # Every rank learns whether any rank failed, so all stop together (no rank waits in a later collective).
-    reports = dist.all_gather_objects((failure, files))
+    with _peer_failures_as_collective_errors(folder):
+        reports = dist.all_gather_objects((failure, files))
     failures = [(rank, text) for rank, (text, _) in enumerate(reports) if text is not None]
     if failures:
         if env.is_main:
             shutil.rmtree(folder, ignore_errors=True)  # incomplete: never resumable, frees the space it took
-        dist.barrier()
+        with _peer_failures_as_collective_errors(folder):
+            dist.barrier()
         raise UserError(_save_failure_message(folder, failures, find_latest(root)))
     if env.is_main:
         all_files = {name: size for _, sizes in reports for name, size in sizes.items()}
@@ -144,9 +160,37 @@ def save_checkpoint(
         write_text_atomic(folder / STATE_FILE, json.dumps(document, indent=1))
         write_text_atomic(root / LATEST_FILE, tag + "\n")
         _rotate(root, keep_last, newest=step)
-    dist.barrier()
+    with _peer_failures_as_collective_errors(folder):
+        dist.barrier()
     logger.info("saved checkpoint %s", folder)
     return folder
+
+
+# What gloo and the c10d store say when a peer died or stopped answering inside a collective; "Application timeout
+# caused pair closure" (a timed-out gloo pair) carries none of the words dist.is_collective_failure looks for.
+_PEER_FAILURE_WORDS = ("pair closure", "timeout", "Timeout", "timed out", "Timed out", "Connection", "connection")
+
+
+def _is_peer_failure(exc: BaseException) -> bool:
+    return dist.is_collective_failure(exc) or (isinstance(exc, RuntimeError) and any(w in str(exc) for w in _PEER_FAILURE_WORDS))
+
+
+def _collective_error(folder: Path, exc: BaseException) -> torch_dist.DistError:
+    """A collective failure inside a save, as the error type `dist.is_collective_failure` knows (the `train` command
+    turns it into the lost-rank message)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return torch_dist.DistNetworkError(f"while saving checkpoint {folder}: {first}")
+
+
+@contextmanager
+def _peer_failures_as_collective_errors(folder: Path) -> Iterator[None]:
+    """Around our own collectives in a save: any RuntimeError there means a peer is gone."""
+    try:
+        yield
+    except torch_dist.DistError:
+        raise
+    except RuntimeError as exc:
+        raise _collective_error(folder, exc) from exc
 
 
 @contextmanager
@@ -321,6 +365,8 @@ def load_checkpoint(engine: TrainingEngine, folder: str | os.PathLike[str], env:
     try:
         with weights_only_loading():
             client = engine.load(str(folder.parent), folder.name)
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 -- unreadable files surface as OSError, RuntimeError, EOFError, UnpicklingError
         if dist.is_collective_failure(exc):
             raise
@@ -331,7 +377,12 @@ def load_checkpoint(engine: TrainingEngine, folder: str | os.PathLike[str], env:
     if client.get("versatune_step", state["step"]) != state["step"]:
         raise UserError(f"checkpoint {folder} is inconsistent: DeepSpeed state is for step {client.get('versatune_step')}")
     rng_file = folder / f"rng_rank{env.rank}.json"
-    restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    if env.rank < int(state.get("world_size", env.world_size)):
+        restore_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    else:  # a rank the saving run did not have (resumed on more ranks): a fresh, reproducible seed
+        seed_rng(int(state["step"]) * 1_000_003 + env.rank)
+        logger.info("rank %d has no RNG state in %s (written by %s ranks): seeded from the step and the rank",
+                    env.rank, folder, state.get("world_size"))
     logger.info("resumed from %s (step %d)", folder, state["step"])
     return state
 

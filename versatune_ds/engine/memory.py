@@ -1,107 +1,113 @@
-"""Will the model states fit? Per-GPU and per-node host memory for ZeRO-2/3 (`versatune-ds estimate-memory`).
+"""Will the run fit? The `estimate-memory` report and the preflight at the start of `train`.
 
-Parameters are counted from the model's config alone: the model is built on the meta device (no
-weights are read or allocated), so a Llama-3-70B config.json works on a laptop. The memory numbers
-are DeepSpeed's own estimators (`estimate_zero2_model_states_mem_needs` and
-`estimate_zero3_model_states_mem_needs`, the functions behind DeepSpeed's `*_all_cold` tables) for
-params + gradients + Adam states with its default 1.5x buffer factor. Activations are not included:
-they depend on micro-batch size, sequence length and gradient checkpointing, and come on top.
-
-`preflight_warning` runs the same estimate at the start of `train` and warns (never fails) when this
-machine's GPU or host memory looks too small for the chosen DeepSpeed config.
+The counting is in `engine.memory_model` (accelerator memory per rank, host memory per rank and per node, disk
+per checkpoint and per export, from a run config and the model's config.json alone). This module turns it into
+a report: the run's own DeepSpeed setup part by part, the shipped alternatives side by side (so offload is used
+only where the plain setup does not fit), and the disk a run's checkpoints take. `preflight_warning` runs the
+same estimate at the start of `train` and warns (never fails) when this machine looks too small.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from versatune_ds import dist
+from versatune_ds.config.loading import load_config
 from versatune_ds.config.schema import RunConfig
-from versatune_ds.engine.models import zero_stage
+from versatune_ds.engine.memory_model import GIB, MemoryEstimate, estimate_run, format_bytes, model_shape
 from versatune_ds.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-GIB = 1024**3
+# The shipped DeepSpeed configs compared in the report, from least to most offload (NVMe needs a path: left out).
+SETUPS = (
+    ("ZeRO-2", "zero2"),
+    ("ZeRO-3", "zero3"),
+    ("ZeRO-3 + optimizer offload", "zero3_offload_optimizer"),
+    ("ZeRO-3 + optimizer and parameter offload", "zero3_offload"),
+)
 
 
-@dataclass(frozen=True)
-class ModelSize:
-    total_params: int
-    largest_layer_params: int  # the most parameters any one module owns directly (ZeRO-3 gathers it whole)
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    stage: int
-    offload_optimizer: bool
-    offload_params: bool
-    gpu_bytes_per_gpu: float
-    host_bytes_per_node: float
-
-    @property
-    def label(self) -> str:
-        if self.offload_params:
-            return f"ZeRO-{self.stage} + offload params & optimizer to CPU"
-        if self.offload_optimizer:
-            return f"ZeRO-{self.stage} + offload optimizer to CPU"
-        return f"ZeRO-{self.stage}"
-
-
-def count_parameters(model: str, *, trust_remote_code: bool = False) -> ModelSize:
-    """Count parameters from a model folder or a config.json, on the meta device (no weights)."""
+def default_run_config(model: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """A run config for `--model` alone: bf16, data.seq_len 4096, micro-batch 1, gradient checkpointing, ZeRO-3."""
     path = Path(model).expanduser()
-    if not path.exists():
-        raise UserError(f"--model: {model} not found; give a model folder or its config.json")
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"--model: cannot read a model config from {model}: {exc}") from None
-    with torch.device("meta"):
-        network = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    total = sum(p.numel() for p in network.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in network.modules())
-    return ModelSize(total_params=int(total), largest_layer_params=int(largest))
+    folder = path.parent if path.name == "config.json" else path
+    if not folder.exists():
+        raise UserError(f"--model: {model} not found; give a model folder or its config.json (no weights are read)")
+    defaults = [f"model.path={folder}", "model.dtype=bf16", "model.gradient_checkpointing=true", "data.seq_len=4096",
+                "data.domains=[{name: any, train: [none.jsonl]}]", "train.micro_batch_size=1", "deepspeed.config=zero3"]
+    return load_config(None, [*defaults, *overrides], check_files=False)
 
 
-def estimate_memory(size: ModelSize, *, nodes: int, gpus_per_node: int, buffer_factor: float = 1.5) -> list[MemoryEstimate]:
-    """Model-state memory for ZeRO-2 and ZeRO-3, with and without CPU offload (DeepSpeed's estimators)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+def build_report(cfg: RunConfig, *, nodes: int, gpus_per_node: int, device: str = "cuda") -> dict[str, Any]:
+    """The estimate of `cfg` on `nodes` x `gpus_per_node` ranks, with the shipped setups for comparison."""
+    shape = model_shape(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, gguf_file=cfg.model.gguf_file)
+    own = estimate_run(cfg, nodes=nodes, gpus_per_node=gpus_per_node, device=device, model=shape)
+    alternatives = []
+    for label, name in SETUPS:
+        other = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, config=name))
+        try:
+            estimate = estimate_run(other, nodes=nodes, gpus_per_node=gpus_per_node, device=device, model=shape)
+        except UserError:
+            continue
+        alternatives.append({"setup": label, "deepspeed.config": name, **_totals(estimate)})
+    keep = cfg.checkpoint.keep_last
+    return {
+        "model": dataclasses.asdict(shape),
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "device": device,
+        "deepspeed.config": cfg.deepspeed.config,
+        "run": {"seq_len": cfg.data.seq_len, "micro_batch_size": cfg.train.micro_batch_size,
+                "gradient_checkpointing": cfg.model.gradient_checkpointing, "dtype": cfg.model.dtype},
+        **_totals(own),
+        "device_parts": own.device_parts, "host_parts_per_rank": own.host_parts, "host_node_shared_parts": own.node_shared_parts,
+        "disk_per_checkpoint_bytes": own.checkpoint_disk_bytes,
+        "disk_checkpoints_peak_bytes": own.checkpoint_disk_bytes * (keep + 1),  # a new one is written before an old goes
+        "disk_export_bytes": own.export_disk_bytes,
+        "alternatives": alternatives,
+    }
 
-    if nodes < 1 or gpus_per_node < 1:
-        raise UserError(f"--nodes and --gpus-per-node must be >= 1, got {nodes} and {gpus_per_node}")
-    out: list[MemoryEstimate] = []
-    for offload in (False, True):
-        cpu, gpu = estimate_zero2_model_states_mem_needs(
-            size.total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=offload,
-            additional_buffer_factor=buffer_factor,
-        )
-        out.append(MemoryEstimate(2, offload, False, float(gpu), float(cpu)))
-    for offload_optimizer, offload_params in ((False, False), (True, False), (True, True)):
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            size.total_params, size.largest_layer_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
-            cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True,
-            additional_buffer_factor=buffer_factor,
-        )
-        out.append(MemoryEstimate(3, offload_optimizer, offload_params, float(gpu), float(cpu)))
-    return out
+
+def _totals(estimate: MemoryEstimate) -> dict[str, float]:
+    return {"device_per_rank_bytes": estimate.device_per_rank_bytes, "host_per_rank_bytes": estimate.host_per_rank_bytes,
+            "host_per_node_bytes": estimate.host_per_node_bytes}
 
 
-def format_table(size: ModelSize, estimates: list[MemoryEstimate], *, nodes: int, gpus_per_node: int) -> str:
+def format_report(report: dict[str, Any]) -> str:
+    m = report["model"]
+    run = report["run"]
+    where = "rank" if report["device"] == "cuda" else "rank (CPU: all host memory)"
     lines = [
-        f"{size.total_params / 1e9:.3f}B parameters (largest layer {size.largest_layer_params / 1e6:.1f}M), "
-        f"{nodes} node(s) x {gpus_per_node} GPU(s); model states only (params, grads, Adam), activations come on top",
-        f"{'setup':<48} {'per GPU':>12} {'host per node':>15}",
+        f"{m['model_type']}: {m['total_params'] / 1e9:.3f}B parameters (largest tensor {m['largest_layer_params'] / 1e6:.1f}M, "
+        f"vocabulary {m['vocab']:,}); {report['nodes']} node(s) x {report['gpus_per_node']} rank(s) on {report['device']}",
+        f"run: data.seq_len {run['seq_len']} x micro-batch {run['micro_batch_size']}, gradient checkpointing "
+        f"{'on' if run['gradient_checkpointing'] else 'off'}, dtype {run['dtype']}, deepspeed.config {report['deepspeed.config']}",
+        "",
     ]
-    for e in estimates:
-        lines.append(f"{e.label:<48} {e.gpu_bytes_per_gpu / GIB:>8.2f} GiB {e.host_bytes_per_node / GIB:>11.2f} GiB")
+    if report["device_parts"]:
+        lines.append(f"per GPU at its peak: {format_bytes(report['device_per_rank_bytes'])}")
+        lines += [f"  {k:<48} {format_bytes(v):>12}" for k, v in report["device_parts"].items() if v]
+    lines.append(f"host per {where}: {format_bytes(report['host_per_rank_bytes'])}")
+    lines += [f"  {k:<48} {format_bytes(v):>12}" for k, v in report["host_parts_per_rank"].items() if v]
+    if report["device_parts"]:
+        lines.append(f"host per node: {format_bytes(report['host_per_node_bytes'])} "
+                     f"({report['gpus_per_node']} ranks, plus once per node:)")
+        lines += [f"  {k:<48} {format_bytes(v):>12}" for k, v in report["host_node_shared_parts"].items() if v]
+    lines += [
+        f"disk: {format_bytes(report['disk_per_checkpoint_bytes'])} per checkpoint "
+        f"({format_bytes(report['disk_checkpoints_peak_bytes'])} with checkpoint.keep_last + the one being written), "
+        f"{format_bytes(report['disk_export_bytes'])} per export",
+        "",
+        f"{'shipped setup':<44} {'per GPU' if report['device_parts'] else 'per rank':>12} {'host per node':>15}",
+    ]
+    for alt in report["alternatives"]:
+        per_rank = alt["device_per_rank_bytes"] if report["device_parts"] else alt["host_per_rank_bytes"]
+        lines.append(f"{alt['setup']:<44} {format_bytes(per_rank):>12} {format_bytes(alt['host_per_node_bytes']):>15}")
     return "\n".join(lines)
 
 
@@ -114,50 +120,40 @@ def host_memory_bytes() -> float:
 
 
 def preflight_warning(cfg: RunConfig, ds_config: dict, env: dist.DistEnv) -> str | None:
-    """Warn (rank 0, never fail) when this machine looks too small for the run's model states."""
+    """Warn (rank 0, never fail) when this machine looks too small for the run."""
     if env.rank != 0:
         return None
-    model_dir = Path(cfg.model.path).expanduser()
-    if not (model_dir / "config.json").is_file():
+    if not (Path(cfg.model.path).expanduser() / "config.json").is_file():
         return None  # a hub name or a GGUF folder: the loader reports problems itself
-    try:
-        size = count_parameters(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 (a preflight estimate must never stop training)
-        logger.debug("memory preflight skipped: %s", exc)
-        return None
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or (torch.cuda.device_count() if torch.cuda.is_available() else env.world_size)
     local = max(1, min(local, env.world_size))
     nodes = max(1, env.world_size // local)
-    zero = ds_config.get("zero_optimization", {})
-    stage = max(2, zero_stage(ds_config))  # ZeRO-0/1 need at least ZeRO-2's per-GPU memory
-    offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
-    offload_params = zero.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
-    estimate = next(
-        (e for e in estimate_memory(size, nodes=nodes, gpus_per_node=local)
-         if e.stage == stage and e.offload_optimizer == offload_optimizer and e.offload_params == (offload_params and stage == 3)),
-        None,
-    )
-    if estimate is None:
+    cuda = torch.cuda.is_available()
+    try:
+        estimate = estimate_run(cfg, nodes=nodes, gpus_per_node=local, device="cuda" if cuda else "cpu")
+    except Exception as exc:  # noqa: BLE001 (a preflight estimate must never stop training)
+        logger.debug("memory preflight skipped: %s", exc)
         return None
-    host_need = estimate.host_bytes_per_node
     problems = []
-    if torch.cuda.is_available():
+    if cuda:
         gpu_total = torch.cuda.get_device_properties(env.local_rank).total_memory
-        if estimate.gpu_bytes_per_gpu > gpu_total:
-            problems.append(f"{estimate.gpu_bytes_per_gpu / GIB:.1f} GiB per GPU (this GPU has {gpu_total / GIB:.1f} GiB)")
-    else:
-        host_need += estimate.gpu_bytes_per_gpu * local  # on a CPU machine "GPU" memory is host memory too
+        if estimate.device_per_rank_bytes > gpu_total:
+            problems.append(f"{format_bytes(estimate.device_per_rank_bytes)} per GPU (this GPU has {format_bytes(gpu_total)})")
     host_total = host_memory_bytes()
-    if host_need > host_total:
-        problems.append(f"{host_need / GIB:.1f} GiB of host memory per node (this node has {host_total / GIB:.1f} GiB)")
+    if estimate.host_per_node_bytes > host_total:
+        problems.append(f"{format_bytes(estimate.host_per_node_bytes)} of host memory per node (this node has {format_bytes(host_total)})")
     if not problems:
-        logger.info("memory preflight: %s needs ~%.1f GiB per GPU, ~%.1f GiB host per node for model states",
-                    estimate.label, estimate.gpu_bytes_per_gpu / GIB, estimate.host_bytes_per_node / GIB)
+        logger.info("memory preflight: ~%s per %s, ~%s host per node",
+                    format_bytes(estimate.device_per_rank_bytes or estimate.host_per_rank_bytes), "GPU" if cuda else "rank",
+                    format_bytes(estimate.host_per_node_bytes))
         return None
     message = (
-        f"this machine looks too small: {estimate.label} for {size.total_params / 1e9:.2f}B parameters on {nodes} node(s) x "
-        f"{local} rank(s) needs about " + " and ".join(problems) + " for model states alone; consider more GPUs/nodes, "
-        "ZeRO-3, or an offload config (zero3_offload.json); see `versatune-ds estimate-memory`"
+        f"this machine looks too small: deepspeed.config {cfg.deepspeed.config} on {nodes} node(s) x {local} rank(s) needs about "
+        + " and ".join(problems) + "; see `versatune-ds estimate-memory --config <this config>` for the parts and the "
+        "setups that fit (more GPUs or nodes, offload, gradient checkpointing, a shorter data.seq_len)"
     )
     logger.warning(message)
     return message
+
+
+__all__ = ["GIB", "build_report", "default_run_config", "format_report", "preflight_warning"]

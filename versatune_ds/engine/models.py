@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from transformers.utils import is_flash_attn_2_available
@@ -102,8 +105,14 @@ def load_model(model_cfg: ModelConfig, *, ds_config: dict[str, Any] | None = Non
         kwargs["gguf_file"] = model_cfg.gguf_file
     try:
         model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.path: could not load a causal LM from {model_cfg.path!r}: {exc}") from None
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        if dist.is_collective_failure(exc):  # ZeRO-3 partitions while loading: a peer died
+            raise
+        # Corrupted, truncated or unreadable weight files, a config that does not match them: one line, no traceback.
+        raise UserError(
+            f"model.path: could not load a causal LM from {model_cfg.path!r} ({type(exc).__name__}: {_first_line(exc)}); "
+            "check that its weight files are complete and readable (copy or convert them again)"
+        ) from None
     # transformers keeps only a weak reference to the HfDeepSpeedConfig; tie its life to the model's.
     model._versatune_hf_ds_config = keeper  # noqa: SLF001 (our own attribute)
     if model_cfg.gradient_checkpointing:
@@ -168,3 +177,45 @@ def load_inference_model(
         zero.load_module_states(engine, checkpoint.root, checkpoint.tag)
     engine.module.eval()
     return InferenceModel(engine.module, engine.device, keep_alive=engine)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+# Config keys that hold a model's position limit, by architecture family.
+_POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length", "n_ctx")
+
+
+def position_limit(model_cfg: ModelConfig) -> tuple[str, int] | None:
+    """(config key, value) of the model's position limit, read from its config alone (no weights); None if unknown."""
+    path = Path(model_cfg.path).expanduser()
+    if not path.exists():
+        return None  # a hub name: the loader reports problems when it fetches the model
+    extra = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code, **extra)
+    except Exception as exc:  # noqa: BLE001 -- a check that cannot read the config leaves it to the loader
+        logger.debug("position limit not checked: %s", exc)
+        return None
+    config = getattr(config, "text_config", None) or config
+    for key in _POSITION_LIMIT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return getattr(config, "attribute_map", {}).get(key, key), value  # the name config.json uses (GPT-2: n_positions)
+    return None
+
+
+def check_position_limit(model_cfg: ModelConfig, seq_len: int) -> None:
+    """Refuse `data.seq_len` beyond the model's positions (GPT-2 would raise IndexError mid-run; Llama would
+    train on positions it never saw, without a word)."""
+    found = position_limit(model_cfg)
+    if found is None or seq_len <= found[1]:
+        return
+    key, limit = found
+    raise UserError(
+        f"data.seq_len={seq_len} is longer than the model's position limit: {model_cfg.path} has {key}={limit} in its "
+        f"config.json. Set data.seq_len to at most {limit} (packing fills rows of that length), or use a model "
+        "with a longer context"
+    )

@@ -1,7 +1,9 @@
 """The DeepSpeed training engine: optimizer + LR schedule, one training step, evaluation forwards.
 
 The model comes from `engine.models.load_model` (partitioned at load under ZeRO-3); the losses from
-`engine.losses`; every DeepSpeed call from `engine.zero`.
+`engine.losses` (`CausalLMLoss`: the output layer in chunks at the loss positions only, see
+`engine.chunked_loss`; the plain path over full logits for model types it is not checked for, or with
+`chunked_loss=False`); every DeepSpeed call from `engine.zero`.
 
 Loss. The loss of a step is the token mean over the whole global batch (all ranks, all accumulation
 micro-batches): sum of per-token cross-entropy / number of label tokens. Each micro-batch backwards
@@ -24,6 +26,8 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -31,9 +35,9 @@ import torch
 
 from versatune_ds import dist
 from versatune_ds.config.schema import TrainConfig
-from versatune_ds.engine import zero
+from versatune_ds.engine import reshard, zero
 from versatune_ds.engine.ds_config import offloads_optimizer
-from versatune_ds.engine.losses import count_loss_tokens, row_loss_sums, token_loss_sum
+from versatune_ds.engine.losses import CausalLMLoss, count_loss_tokens
 from versatune_ds.engine.models import zero_stage
 from versatune_ds.errors import UserError
 from versatune_ds.protocols import Batch, StepResult
@@ -75,12 +79,23 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, ds_config: dict)
     return torch.optim.AdamW(groups, **kwargs)
 
 
+@dataclass(frozen=True)
+class Accumulated:
+    """What `TrainEngine.backward` leaves for the optimizer step."""
+
+    flags: torch.Tensor  # float64 [2] on the device: this rank's finite loss sum, its non-finite micro-batch count
+    global_tokens: float  # label tokens of the global batch (all ranks, all micro-batches)
+
+
 class TrainEngine:
     """`deepspeed.initialize` around an HF model, with a client AdamW and our LR schedule."""
 
-    def __init__(self, train: TrainConfig, model: torch.nn.Module, ds_config: dict, *, total_steps: int) -> None:
+    def __init__(
+        self, train: TrainConfig, model: torch.nn.Module, ds_config: dict, *, total_steps: int, chunked_loss: bool = True
+    ) -> None:
         self.ds_config = ds_config
         self.stage = zero_stage(ds_config)
+        self.loss = CausalLMLoss.for_model(model, chunked=chunked_loss)
         optimizer = build_optimizer(model, train, ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, train, total_steps))
         self.engine = zero.initialize_training(model, optimizer, scheduler, ds_config)
@@ -108,30 +123,9 @@ class TrainEngine:
 
         Every rank must call this with the same number of micro-batches (ZeRO-3 lockstep).
         """
-        if not micro_batches:
-            raise ValueError("train_step needs at least one micro-batch")
         lr = self.lr
-        local_tokens = float(sum(count_loss_tokens(b) for b in micro_batches))
-        global_tokens = float(dist.all_reduce_sum(np.array([local_tokens]))[0])
-        scale = self.world_size / max(global_tokens, 1.0)
-        self.engine.train()
-        local_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        local_nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
-        last = len(micro_batches) - 1
-        for i, batch in enumerate(micro_batches):
-            self.engine.set_gradient_accumulation_boundary(i == last)
-            inputs = self._to_device(batch)
-            labels = inputs.pop("labels")
-            logits = self.engine(**inputs, use_cache=False).logits
-            loss_sum = token_loss_sum(logits, labels)
-            # Decided on the device, without a host sync: a non-finite loss multiplies the backward by NaN,
-            # so every gradient of every rank turns non-finite (see the module docstring).
-            finite = torch.isfinite(loss_sum.detach())
-            factor = torch.where(finite, torch.tensor(scale, device=finite.device), torch.tensor(float("nan"), device=finite.device))
-            self.engine.backward(loss_sum * factor.detach(), scale_wrt_gas=False)
-            local_sum += torch.where(finite, loss_sum.detach().double(), torch.zeros_like(local_sum))
-            local_nonfinite += (~finite).double()
-        flags = torch.stack([local_sum, local_nonfinite]).cpu().numpy()
+        accumulated = self.backward(micro_batches)
+        flags = accumulated.flags.cpu().numpy()  # the one host sync of the step
         if self.stage == 0 and flags[1] == 0 and _grads_nonfinite(self.module):
             flags[1] = 1.0
         # One collective for both: the loss sum for the log, and whether any rank saw a non-finite value.
@@ -147,18 +141,43 @@ class TrainEngine:
             skipped = skipped or not self.engine.was_step_applied()
         if skipped:
             self.skipped_steps += 1
+        global_tokens = accumulated.global_tokens
         grad_norm = None if skipped else _as_float(self.engine.get_global_grad_norm())
         loss = float("nan") if skipped else float(totals[0] / max(global_tokens, 1.0))
         return StepResult(loss=loss, loss_tokens=int(global_tokens), grad_norm=grad_norm, lr=lr, skipped=skipped)
 
+    def backward(self, micro_batches: Sequence[Batch]) -> Accumulated:
+        """Forward + backward of every micro-batch, gradients scaled to the global token mean (no optimizer step).
+
+        `train_step` is this followed by the optimizer step; tests call it alone to compare gradients.
+        """
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        local_tokens = float(sum(count_loss_tokens(b) for b in micro_batches))
+        global_tokens = float(dist.all_reduce_sum(np.array([local_tokens]))[0])
+        scale = self.world_size / max(global_tokens, 1.0)
+        self.engine.train()
+        local_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        local_nonfinite = torch.zeros((), dtype=torch.float64, device=self.device)
+        last = len(micro_batches) - 1
+        for i, batch in enumerate(micro_batches):
+            self.engine.set_gradient_accumulation_boundary(i == last)
+            inputs = self._to_device({k: v for k, v in batch.items() if k != "labels"})
+            loss_sum = self.loss.loss_sum(self.engine, inputs, batch["labels"], grad_scale=scale)
+            # Decided on the device, without a host sync: a non-finite loss multiplies the backward by NaN,
+            # so every gradient of every rank turns non-finite (see the module docstring).
+            finite = torch.isfinite(loss_sum.detach())
+            factor = torch.where(finite, torch.tensor(scale, device=finite.device), torch.tensor(float("nan"), device=finite.device))
+            self.engine.backward(loss_sum * factor.detach(), scale_wrt_gas=False)
+            local_sum += torch.where(finite, loss_sum.detach().double(), torch.zeros_like(local_sum))
+            local_nonfinite += (~finite).double()
+        return Accumulated(torch.stack([local_sum, local_nonfinite]), global_tokens)
+
     def forward_loss_sums(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (loss sum, label tokens) without gradients; for evaluation (every rank, same number of calls)."""
-        inputs = self._to_device(batch)
-        labels = inputs.pop("labels")
-        with torch.no_grad():
-            logits = self.engine(**inputs, use_cache=False).logits
-            sums, counts = row_loss_sums(logits, labels)
-        return sums.double().cpu(), counts.cpu()
+        inputs = self._to_device({k: v for k, v in batch.items() if k != "labels"})
+        sums, counts = self.loss.row_sums(self.engine, inputs, batch["labels"])
+        return sums.double().cpu(), counts
 
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Logits of a batch (fp32, on the CPU), without gradients; used by export checks."""
@@ -180,7 +199,15 @@ class TrainEngine:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, directory: str, tag: str) -> dict:
-        """Restore a checkpoint saved by `save`; returns the client state (call on every rank)."""
+        """Restore a checkpoint saved by `save`; returns the client state (call on every rank).
+
+        A ZeRO-3 checkpoint written by another number of ranks is redistributed (`engine.reshard`); ZeRO-0
+        checkpoints hold no per-rank state and load on any number of ranks as they are.
+        """
+        folder = Path(directory) / tag
+        saved = reshard.saved_world_size(folder) if folder.is_dir() else None
+        if saved is not None and saved != self.world_size:
+            return reshard.load_resharded(self.engine, folder)
         path, client_state = self.engine.load_checkpoint(
             directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )

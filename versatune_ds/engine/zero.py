@@ -104,3 +104,24 @@ def load_module_states(engine: Any, checkpoint_root: str, tag: str) -> None:
         engine.load_checkpoint(
             checkpoint_root, tag=tag, load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
         )
+
+
+def full_gradients(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter's full gradient (fp32, CPU) after the last backward of a step, before the optimizer
+    step; a collective under ZeRO-3 (call on ALL ranks). For tests and diagnostics."""
+    from deepspeed.utils import safe_get_full_grad
+
+    out = {}
+    for name, param in module.named_parameters():
+        grad = safe_get_full_grad(param) if param.requires_grad else None
+        if grad is not None:
+            out[name] = grad.detach().float().cpu()
+    return out
+
+
+def lazy_fp32_state_dict(checkpoint_root: str, tag: str) -> dict[str, Any]:
+    """DeepSpeed's lazy zero_to_fp32 state dict (values with `.contiguous()`), files read with weights_only=True."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with weights_only_loading():
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoint_root, tag=tag, lazy_mode=True)

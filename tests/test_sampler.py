@@ -511,6 +511,21 @@ def test_token_mode_tracks_token_shares() -> None:
     assert abs(drawn[0] - drawn[1]) < 1000 and sum(drawn) > 400_000
 
 
+def test_examples_unit_apportions_the_examples_packed_into_rows() -> None:
+    # Packed rows hold 1-5 examples (domain 0) or 1-2 (domain 1): equal example shares, not equal rows.
+    rng = np.random.default_rng(5)
+    sizes = [rng.integers(1, 6, 200), rng.integers(1, 3, 200)]
+    sampler = make_sampler(sizes=[200, 200], weights=[0.5, 0.5], unit="examples", row_sizes=sizes, block_size=32)
+    rows = sampler.global_items(0, 2000)
+    drawn = [sum(int(sizes[d][i]) for d, i in rows if d == domain) for domain in (0, 1)]
+    # Lemma A' and Theorem B': each within 5 + 0.5·4 examples of half the total, so they differ by < 14
+    assert abs(drawn[0] - drawn[1]) < 14 and np.bincount(rows[:, 0]).tolist()[0] < 1000
+    state = sampler.state_dict()
+    assert state["unit"] == "examples" and sum(state["units_drawn"]) == 0  # nothing consumed yet
+    with pytest.raises(MixtureError, match="unit"):
+        make_sampler(sizes=[200, 200], weights=[0.5, 0.5], unit="tokens", row_sizes=sizes, block_size=32).load_state_dict(state)
+
+
 def test_token_mode_arguments_are_checked() -> None:
     with pytest.raises(MixtureError, match="row_sizes"):
         make_sampler(unit="tokens")

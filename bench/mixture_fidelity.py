@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import OUT, REPO, RESULTS, cpu_env, machine_info, read_jsonl, run_logged, versions, write_results  # noqa: E402
+from common import DATA, OUT, REPO, RESULTS, cpu_env, machine_info, read_jsonl, run_logged, versions, write_results  # noqa: E402
 
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
 logger = logging.getLogger("mixture_fidelity")
@@ -54,6 +54,22 @@ def distribution_file(work: Path) -> Path:
     return path
 
 
+def smollm2_config(work: Path, model_dir: str) -> Path:
+    """configs/shared_data_smollm2.yaml with absolute paths: the model, and the data at DATA (VERSATUNE_SHARED_DATA)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
+    config["model"]["path"] = model_dir
+    for domain in config["data"]["domains"]:
+        for key in ("train", "raw"):
+            if key in domain:
+                domain[key] = str(DATA / Path(domain[key]).relative_to("../../shared/data"))
+    path = work / "smollm2.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def cases(args: argparse.Namespace) -> list[dict]:
     out = []
     if "tiny" in args.models:
@@ -62,8 +78,8 @@ def cases(args: argparse.Namespace) -> list[dict]:
                         "overrides": [f"train.max_steps={args.tiny_steps}", f"model.path={args.tiny_model}"]})
     if "smollm2" in args.models:
         for unit in ("tokens", "examples"):
-            out.append({"name": f"smollm2_{unit}", "config": REPO / "configs" / "shared_data_smollm2.yaml", "unit": unit,
-                        "overrides": [f"train.max_steps={args.smollm2_steps}", f"model.path={args.smollm2}", "mixture.block_size=16",
+            out.append({"name": f"smollm2_{unit}", "config": smollm2_config(args.work, args.smollm2), "unit": unit,
+                        "overrides": [f"train.max_steps={args.smollm2_steps}", "mixture.block_size=16",
                                       f"eval.every={max(1, args.smollm2_steps // 3)}"]})
     return out
 
@@ -170,7 +186,7 @@ def markdown(results: dict) -> str:
                   f"`{case['command']}` ({case['seconds']:.0f} s)", "",
                   f"Largest |realised − intended| share: **{a['max_abs_share_error_pct']:.3f} points**; domains at or above the "
                   f"floor ({a['floor']}) with no row: **{', '.join(a['zero_row_domains_at_or_above_floor']) or 'none'}**.", "",
-                  f"| domain | weights in force | intended share | realised share | rows | max ahead | max behind | longest row | "
+                  "| domain | weights in force | intended share | realised share | rows | max ahead | max behind | longest row | "
                   "longest gap (rows) | ⌈1/q⌉ | ⌈2/q⌉ |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for p in a["domains"]:
             lines.append(

@@ -7,8 +7,8 @@
    worker, and each training step's time from metrics.jsonl. Overhead at the default cadence =
    (one evaluation + one update) / (200 × the median step). Models: the tiny Llama on ../shared/data sft/
    (one process, micro-batch 4 × 256 packed tokens; 400 steps: evaluations at 0, 200, 400) and
-   SmolLM2-135M-Instruct with configs/shared_data_smollm2.yaml (2 ranks, its batch; eval.every=200 and a
-   short run: the evaluations at the start and at the end, both with the default budget).
+   SmolLM2-135M-Instruct with configs/shared_data_smollm2.yaml (2 ranks, its batch, data.truncation=truncate;
+   eval.every=200 and a short run: the evaluations at the start and at the end, both with the default budget).
 2. Probe generation throughput (probe_generation.generate_all, replica per rank): generations/s and new
    tokens/s at batch 1 (what the released VersaTune code does) vs the default probe.batch_size, with
    1 process and 2 ranks (torchrun), tiny model; SmolLM2-135M at 1 rank if runs/smollm2 exists.
@@ -60,6 +60,7 @@ def smollm2_config(work: Path, model_dir: Path) -> Path:
 
     config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
     config["model"]["path"] = str(model_dir)
+    config["data"]["truncation"] = "truncate"  # the shared data has examples longer than its seq_len 512
     for domain in config["data"]["domains"]:
         for key in ("train", "raw"):
             if key in domain:

@@ -15,8 +15,8 @@ this script measures, per domain:
 - whether a domain whose weight was at or above the floor got no row at all.
 
 Cases: the tiny model on data/sample (configs/sample_tiny.yaml) and SmolLM2-135M-Instruct on ../shared/data
-(configs/shared_data_smollm2.yaml, block_size 16 as in bench/quality_smollm2.py, so weight updates take
-effect inside a short run), each with mixture.unit=tokens (packed rows) and mixture.unit=examples
+(configs/shared_data_smollm2.yaml with data.truncation=truncate, block_size 16 as in bench/quality_smollm2.py,
+so weight updates take effect inside a short run, and an evaluation every steps/3), each with mixture.unit=tokens (packed rows) and mixture.unit=examples
 (data.packing=false). All use the probed SmolLM2 distribution recorded in bench/results/quality_smollm2.json
 (finance 0.024, just above the 0.02 floor: the domain per-block rounding starved) as mixture.distribution.
 
@@ -60,6 +60,7 @@ def smollm2_config(work: Path, model_dir: str) -> Path:
 
     config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
     config["model"]["path"] = model_dir
+    config["data"]["truncation"] = "truncate"  # the shared data has examples longer than its seq_len 512
     for domain in config["data"]["domains"]:
         for key in ("train", "raw"):
             if key in domain:

@@ -225,12 +225,14 @@ FORMATS: tuple[str, ...] = ("auto", "alpaca", "sharegpt", "messages")
 POSITIVE_INTS = (
     "data.seq_len", "data.heldout_max_examples", "data.num_proc", "mixture.block_size", "train.max_steps",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.log_every", "eval.every",
-    "eval.micro_batch_size", "eval.max_tokens_per_domain", "checkpoint.every", "checkpoint.keep_last", "dist.timeout_s", "probe.num_samples",
+    "eval.micro_batch_size", "checkpoint.every", "checkpoint.keep_last", "dist.timeout_s", "probe.num_samples",
     "probe.max_new_tokens", "probe.batch_size", "classifier.num_bootstrap",
+    "eval.max_tokens_per_domain",
 )
 NON_NEGATIVE_NUMBERS = (
     "train.learning_rate", "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "mixture.alpha",
-    "mixture.beta", "mixture.eta", "mixture.noise_k", "mixture.warmup_steps", "mixture.target_ramp_steps", "probe.top_k",
+    "mixture.beta", "mixture.eta", "mixture.warmup_steps", "mixture.target_ramp_steps", "probe.top_k",
+    "mixture.noise_k",
 )
 UNIT_INTERVAL = (
     "data.heldout_fraction", "mixture.smoothing", "mixture.floor", "mixture.target_share", "train.min_lr_ratio",

@@ -18,6 +18,10 @@ losses scored the same ones). The rule counts only the part of a difference beyo
 
 so a rise inside the noise is no "forgetting", and a domain within noise of its reference has no
 potential left; a difference well beyond the noise moves the weights almost as before (it loses k·SE).
+Each score is thus a lower confidence bound, which leans against the domains measured least precisely:
+at the first evaluation with the fallback reference (ℓ_ref = 0.8·ℓ, paired), γ_i = 0.2·(1 − k·SE_i/ℓ_i)
+instead of 0.2 for all. Counting a difference in full once it passes k·SE avoids that lean but lets noise
+through in jumps: on the noise test (tests/test_noise.py) it drifted past the cap like the published rule.
 k = 0, or no standard errors given, is the rule as published. An unknown error (NaN: fewer than two
 examples) counts as 0.
 

@@ -239,8 +239,10 @@ def bench_overhead(config: Path, work: Path, args: argparse.Namespace, distribut
     if "tiny" in args.models:
         cases.append(("tiny", config, 1, [f"train.max_steps={args.steps}", f"eval.every={args.eval_every}"]))
     if "smollm2" in args.models and smollm2 is not None:
+        batch = [] if args.smollm2_micro_batch is None else [  # the same global batch of 16 rows, less memory
+            f"train.micro_batch_size={args.smollm2_micro_batch}", f"train.gradient_accumulation_steps={8 // args.smollm2_micro_batch}"]
         cases.append(("smollm2", smollm2_config(work, smollm2), 2,
-                      [f"train.max_steps={args.smollm2_steps}", f"eval.every={default_every}",
+                      [f"train.max_steps={args.smollm2_steps}", f"eval.every={default_every}", *batch,
                        "checkpoint.every=100000", "export.at_end=false"]))
     # Untimed warm-up: the first run tokenizes the data for the tiny tokenizer (cached afterwards).
     warm = work / "overhead" / "warmup"
@@ -305,6 +307,8 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=200, help="tiny model: the run's eval.every (config default: 200)")
     parser.add_argument("--smollm2-steps", type=int, default=12, help="SmolLM2: steps of the overhead run (2 ranks, ~10 s each here)")
     parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--smollm2-micro-batch", type=int, default=None, choices=[1, 2, 4, 8],
+                        help="SmolLM2 micro-batch (accumulation keeps the global 16 rows); default: the config's 4, ~10 GB per rank")
     parser.add_argument("--probe-samples", type=int, default=64)
     parser.add_argument("--probe-new-tokens", type=int, default=32)
     parser.add_argument("--probe-batch", type=int, default=32, help="the default probe.batch_size")
@@ -382,6 +386,7 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
     lines = ["# Cost benchmarks (bench/cost.py)", "",
              f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/cost.py --steps {args.steps} --eval-every {args.eval_every} "
              f"--smollm2-steps {args.smollm2_steps} --models {' '.join(args.models)}"
+             + (f" --smollm2-micro-batch {args.smollm2_micro_batch}" if args.smollm2_micro_batch else "")
              + (f" --skip {' '.join(args.skip)}" if args.skip else "")
              + (f" --smollm2-run-dir {args.smollm2_run_dir}" if args.smollm2_run_dir else "") + "`", "",
              f"{r['nproc']} CPU cores shared with other jobs; load average at start {r['load_avg_start']}, at end {r['load_avg_end']} "

@@ -414,7 +414,8 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
         lines += ["", "Projected at other cadences, (eval + update) / (eval.every × step), with the budget fixed at the one measured: " + "; ".join(
             f"{name}: " + ", ".join(f"every {k}: {v:.1f} %" for k, v in m["projected_overhead_pct_by_eval_every"].items())
             for name, m in o["models"].items()) + ". (With eval.max_tokens_per_domain unset the budget scales with eval.every, so "
-            "the share stays near the target at any cadence.) Load average after each run: " + "; ".join(
+            "the share stays near the target at any cadence.) Overrides per run: " + "; ".join(
+            f"{name}: `{' '.join(m['overrides'])}`" for name, m in o["models"].items()) + ". Load average after each run: " + "; ".join(
             f"{name} {m['load_avg']}" for name, m in o["models"].items()) + ".", ""]
     if "probe" in r:
         lines += ["## Probe generation throughput (replica per rank, generate_all)", "",

@@ -55,6 +55,10 @@ setup(
         "tensorboard": ["tensorboard"],
         "gguf": ["gguf"],  # load GGUF checkpoints (e.g. the offline SmolLM2 of the benchmarks)
         "test": ["pytest>=8", "pytest-timeout", "hypothesis", "tensorboard", "gguf"],
+        # The peers of bench/peer_throughput.py. TRL 1.16.0 needs transformers>=4.56.2, datasets>=4.7,
+        # accelerate>=1.10.1 and Python>=3.11 (checked against transformers 5.24, datasets 5.2, accelerate 1.15);
+        # into an environment whose torch/transformers must not move: pip install --no-deps trl==1.16.0.
+        "bench": ["trl==1.16.0; python_version >= '3.11'", "accelerate>=1.10.1", "gguf"],
     },
     entry_points={"console_scripts": ["versatune-ds=versatune_ds.cli:main"]},
     cmdclass={"build_py": BuildWithShippedFiles},

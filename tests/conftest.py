@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -44,3 +45,26 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "sft").is_dir():
         pytest.skip(f"real data bundle not found at {SHARED_DATA} (set VERSATUNE_SHARED_DATA to its folder)")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def run_cli(capsys: pytest.CaptureFixture[str]):
+    """Run `versatune_ds.cli.main(argv)` in-process; returns (exit code, stdout, stderr).
+
+    main() installs its own logging handler on the root logger: restore the root logger afterwards so
+    the rest of the test session keeps pytest's handlers.
+    """
+    from versatune_ds import cli
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+
+    def run(argv: list[str]) -> tuple[int, str, str]:
+        try:
+            code = cli.main(argv)
+        finally:
+            root.handlers[:], _ = saved[0][:], root.setLevel(saved[1])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

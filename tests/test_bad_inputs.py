@@ -6,8 +6,9 @@ command-line arguments, one per line. Categories:
 
 - configs/*.yaml      run through `versatune-ds check-config --config <case>`
 - ds_configs/*.json   `check-config` on configs/sample_tiny.yaml with `deepspeed.config=<case>`, 2 ranks
-- data/*.jsonl        `versatune-ds plan` on a one-domain config whose training file is the case, and the
-                      in-process reader `data.tokenize_sft_file` (what `eval` uses)
+- data/*.jsonl        `versatune-ds plan` and `versatune-ds preview` on a one-domain config whose training file
+                      is the case (with the overrides of an optional `.args`), and the in-process reader
+                      `data.tokenize_sft_file` (what `eval` uses)
 
 Cases run in-process through `versatune_ds.cli.main` (fast); one case per category also runs as a real
 subprocess. Property tests: arbitrary YAML documents and overrides -> RunConfig or UserError, and
@@ -17,7 +18,6 @@ arbitrary JSON rows -> examples or UserError, never any other exception.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -73,29 +73,6 @@ def _assert_clean_failure(code: int, out: str, err: str, case: Path) -> None:
         assert re.search(pattern, err), f"{case.name}: {pattern!r} not found in stderr:\n{err}"
 
 
-@pytest.fixture()
-def run_cli(capsys: pytest.CaptureFixture[str]):
-    """Run `versatune_ds.cli.main(argv)` in-process; returns (exit code, stdout, stderr).
-
-    main() installs its own logging handler on the root logger: restore the root logger afterwards so
-    the rest of the test session keeps pytest's handlers.
-    """
-    from versatune_ds import cli
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-
-    def run(argv: list[str]) -> tuple[int, str, str]:
-        try:
-            code = cli.main(argv)
-        finally:
-            root.handlers[:], _ = saved[0][:], root.setLevel(saved[1])
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 def test_every_case_has_an_expectation() -> None:
     cases = [p for p in CORPUS.rglob("*") if p.suffix in (".yaml", ".json", ".jsonl")]
     assert len(cases) >= 40
@@ -140,7 +117,13 @@ def _data_config(tmp_path: Path, model_dir: Path, train_file: Path) -> Path:
 @pytest.mark.parametrize("case", _cases("data", ".jsonl"))
 def test_bad_data_through_plan(case: Path, run_cli, tiny_model_dir: Path, tmp_path: Path) -> None:
     config = _data_config(tmp_path, tiny_model_dir, case)
-    _assert_clean_failure(*run_cli(["plan", "--config", str(config)]), case)
+    _assert_clean_failure(*run_cli(["plan", "--config", str(config), *_extra_args(case)]), case)
+
+
+@pytest.mark.parametrize("case", _cases("data", ".jsonl"))
+def test_bad_data_through_preview(case: Path, run_cli, tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = _data_config(tmp_path, tiny_model_dir, case)
+    _assert_clean_failure(*run_cli(["preview", "--config", str(config), "--domain", "law", "--rows", "all", *_extra_args(case)]), case)
 
 
 @pytest.mark.parametrize("case", _cases("data", ".jsonl"))
@@ -149,7 +132,7 @@ def test_bad_data_in_the_reader(case: Path, tiny_model_dir: Path, tmp_path: Path
     from versatune_ds.data.tokenizer import load_tokenizer
     from versatune_ds.domains import Domains
 
-    cfg = load_config(_data_config(tmp_path, tiny_model_dir, case))
+    cfg = load_config(_data_config(tmp_path, tiny_model_dir, case), _extra_args(case))
     tokenizer = load_tokenizer(cfg.model)
     with pytest.raises(UserError) as info:
         data.tokenize_sft_file(str(case), tokenizer, cfg.data, Domains(("law",)), 0)
@@ -245,17 +228,29 @@ def test_any_overrides_give_a_config_or_a_user_error(overrides: list[str]) -> No
 
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
+json_values_small = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+                                 max_leaves=4)
 turn = st.fixed_dictionaries(
-    {}, optional={"role": st.sampled_from(["user", "assistant", "system", "robot", ""]) | json_scalars, "content": st.text(max_size=20) | json_scalars,
-                  "from": st.sampled_from(["human", "gpt", "system", "x"]) | json_scalars, "value": st.text(max_size=20) | json_scalars}
+    {}, optional={"role": st.sampled_from(["user", "assistant", "system", "tool", "function_call", "observation", "robot", ""]) | json_scalars,
+                  "content": st.text(max_size=20) | json_scalars | st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]),
+                                                                                                  "text": st.text(max_size=8)}), max_size=2),
+                  "from": st.sampled_from(["human", "gpt", "system", "x"]) | json_scalars, "value": st.text(max_size=20) | json_scalars,
+                  "weight": st.sampled_from([0, 1, 0.5, True, None, "1"]), "loss": st.booleans() | json_scalars, "name": st.text(max_size=5),
+                  "tool_calls": st.lists(st.fixed_dictionaries({"function": st.fixed_dictionaries(
+                      {"name": st.text(max_size=5) | json_scalars, "arguments": st.text(max_size=12) | json_values_small})}), max_size=2)
+                  | json_scalars}
 )
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
 rows = st.one_of(
     json_values,
     st.fixed_dictionaries({}, optional={"instruction": st.text(max_size=30) | json_scalars, "input": st.text(max_size=20) | json_scalars,
-                                        "output": st.text(max_size=30) | json_scalars, "system": st.text(max_size=10) | json_scalars}),
+                                        "output": st.text(max_size=30) | json_scalars, "system": st.text(max_size=10) | json_scalars,
+                                        "history": st.lists(st.lists(st.text(max_size=8) | json_scalars, max_size=3), max_size=2) | json_scalars,
+                                        "query": st.text(max_size=10), "response": st.text(max_size=10) | json_scalars}),
     st.fixed_dictionaries({"messages": st.lists(turn, max_size=4) | json_values}),
-    st.fixed_dictionaries({"conversations": st.lists(turn, max_size=4) | json_values}),
+    st.fixed_dictionaries({"conversations": st.lists(turn, max_size=4) | json_values},
+                          optional={"system": st.text(max_size=8) | json_scalars, "tools": st.text(max_size=10) | json_values_small}),
+    st.lists(turn, max_size=3),
 )
 
 
@@ -286,3 +281,109 @@ def test_float_nan_is_not_equal_to_itself() -> None:
     assert not (math.nan < 0) and not (math.nan >= 0)
     with pytest.raises(UserError, match="finite"):
         load_config(None, ["model.path=m", f"data.dir={REPO / 'data' / 'sample'}", "mixture.eta=.nan"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile rows: deep nesting and huge rows are refused before they cost much (time and memory bounded per case)
+
+SMALL_ROW_LIMIT = 64 * 1024
+MAX_SECONDS = 30.0  # generous: the machine is shared; the unbounded reader took 92 s for one 50 MB line
+MAX_PEAK_BYTES = 64 * 1024 * 1024  # Python allocations while reading (the unbounded reader peaked at 9.6 GB RSS)
+
+
+def _read_bounded(file: Path, tokenizer: Any, overrides: list[str]) -> tuple[str, float, int]:
+    """tokenize_sft_file on `file`: (the UserError's message, seconds, peak traced bytes)."""
+    import time
+    import tracemalloc
+
+    from versatune_ds.data import prepare as data
+    from versatune_ds.domains import Domains
+
+    cfg = load_config(None, ["model.path=unused", f"data.domains=[{{name: law, train: {file}}}]",
+                             f"data.cache_dir={file.parent}/cache", *overrides])
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        data.tokenize_sft_file(str(file), tokenizer, cfg.data, Domains(("law",)), 0)
+        message = ""
+    except UserError as exc:
+        message = str(exc)
+    finally:
+        seconds = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return message, seconds, peak
+
+
+def _nested(depth: int, shape: str) -> str:
+    if shape == "list":
+        return "[" * depth + "]" * depth
+    if shape == "object":
+        return '{"a": ' * depth + "1" + "}" * depth
+    return "".join('{"a": [' for _ in range(depth // 2)) + "1" + "]}" * (depth // 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(min_value=102, max_value=200_000), shape=st.sampled_from(["list", "object", "mixed"]),
+       place=st.sampled_from(["row", "content", "arguments", "tools", "history"]), suffix=st.sampled_from([".jsonl", ".json"]))
+def test_deep_nesting_is_refused_within_bounds(depth: int, shape: str, place: str, suffix: str, tiny_tokenizer: Any) -> None:
+    nested = _nested(depth, shape)
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    hostile = {
+        "row": nested,
+        "content": '{"messages": [{"role": "user", "content": ' + nested + '}, {"role": "assistant", "content": "a"}]}',
+        "arguments": '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": '
+                     '{"name": "f", "arguments": ' + nested + '}}]}]}',
+        "tools": '{"tools": ' + nested + ', "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+        "history": '{"instruction": "q", "output": "a", "history": ' + nested + "}",
+    }[place]
+    with tempfile.TemporaryDirectory() as folder:
+        file = Path(folder) / f"rows{suffix}"
+        file.write_text(f"{good}\n{hostile}\n" if suffix == ".jsonl" else f"[{good},\n{hostile}]", encoding="utf-8")
+        message, seconds, peak = _read_bounded(file, tiny_tokenizer, [])
+    assert f"rows{suffix}:2: JSON nested more than 100 levels deep" in message, message
+    assert seconds < MAX_SECONDS and peak < MAX_PEAK_BYTES, (seconds, peak)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(size=st.integers(min_value=SMALL_ROW_LIMIT + 1, max_value=40 * SMALL_ROW_LIMIT),
+       kind=st.sampled_from(["jsonl", "jsonl_last_line", "json", "csv"]), skip=st.booleans())
+def test_huge_rows_are_refused_or_skipped_within_bounds(size: int, kind: str, skip: bool, tiny_tokenizer: Any) -> None:
+    good = {"instruction": "q", "output": "a"}
+    huge = {"instruction": "x" * size, "output": "a"}
+    with tempfile.TemporaryDirectory() as folder:
+        if kind == "csv":
+            file = Path(folder) / "rows.csv"
+            file.write_text(f"instruction,output\nq,a\n{huge['instruction']},a\n", encoding="utf-8")
+        elif kind == "json":
+            file = Path(folder) / "rows.json"
+            file.write_text(json.dumps([good, huge], indent=1), encoding="utf-8")
+        else:
+            file = Path(folder) / "rows.jsonl"
+            lines = [json.dumps(good), json.dumps(huge)] if kind == "jsonl_last_line" else [json.dumps(good), json.dumps(huge), json.dumps(good)]
+            file.write_text("\n".join(lines) + ("" if kind == "jsonl_last_line" else "\n"), encoding="utf-8")
+        overrides = [f"data.max_row_bytes={SMALL_ROW_LIMIT}", "data.truncation=truncate"] + (["data.on_bad_row=skip"] if skip else [])
+        message, seconds, peak = _read_bounded(file, tiny_tokenizer, overrides)
+    assert seconds < MAX_SECONDS and peak < MAX_PEAK_BYTES, (seconds, peak)
+    if skip:
+        assert message == ""  # the huge row is skipped and counted, the others load
+    else:
+        assert re.search(rf"rows\.\w+:\d+: the row is [\d,]+ bytes, more than data\.max_row_bytes={SMALL_ROW_LIMIT:,}", message), message
+
+
+def test_a_50_mb_line_is_refused_fast_with_the_default_limit(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    """The case of the reliability issue: one 50 MB line took 92 s and 9.6 GB RSS per rank before it was refused."""
+    file = tmp_path / "rows.jsonl"
+    with open(file, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+        handle.write('{"instruction": "' + "word " * 10_000_000 + '", "output": "a"}\n')
+    message, seconds, peak = _read_bounded(file, tiny_tokenizer, [])
+    assert "rows.jsonl:2: the row is 50,000,034 bytes, more than data.max_row_bytes=4,194,304" in message, message
+    assert seconds < MAX_SECONDS and peak < MAX_PEAK_BYTES, (seconds, peak)

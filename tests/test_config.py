@@ -587,3 +587,46 @@ def test_paths_the_os_cannot_look_up_are_reported_not_crashed(tmp_path: Path, na
         load_config(path)
     assert [p.split(":")[0] for p in info.value.problems] == ["data.domains[0].train[0]"]
     assert "file not found" in info.value.problems[0]
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"prompt": "q"}, "data.domains[0].columns: map the answer column (response: <column>) or a turn list (messages: <column>)"),
+    ({"response": "a"}, "data.domains[0].columns: map the prompt column too (prompt: <column>)"),
+    ({"messages": "chat", "prompt": "q"}, "data.domains[0].columns: given both messages and prompt"),
+    ({"prompt": "q", "response": "a", "role_tag": "who"}, "role_tag apply to turn lists; they need messages: <column>"),
+    ({"messages": "chat", "speaker": "who"}, "data.domains[0].columns.speaker: unknown key"),
+    ({"messages": ""}, "data.domains[0].columns.messages: given an empty name"),
+])
+def test_column_mappings_are_checked(data_dir: Path, columns: dict, message: str) -> None:
+    domain = {"name": "law", "train": str(data_dir / "law.jsonl"), "columns": columns}
+    with pytest.raises(UserError) as info:
+        load_config(None, ["model.path=m", f"data.domains=[{yaml.safe_dump(domain, default_flow_style=True).strip()}]"])
+    assert message in str(info.value)
+
+
+def test_a_column_mapping_and_the_data_settings_load(data_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "mine.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    path = write(tmp_path, textwrap.dedent(f"""\
+        model: {{path: m}}
+        data:
+          template: mine.jinja
+          loss_on: last_assistant
+          max_row_bytes: 1000
+          domains:
+            - name: law
+              train: {data_dir / "law.jsonl"}
+              columns: {{prompt: question, response: answer, system: persona}}
+        """))
+    cfg = load_config(path)
+    assert cfg.data.template == str(tmp_path / "mine.jinja")  # resolved against the config file's folder
+    assert cfg.data.domains[0].columns.prompt == "question" and cfg.data.domains[0].columns.query is None
+    assert cfg.data.loss_on == "last_assistant" and cfg.data.max_row_bytes == 1000
+    assert load_config(path, ["data.template=llama3"]).data.template == "llama3"
+    with pytest.raises(UserError, match="data.template: given 'llama4'; expected one of auto, chat_template, simple"):
+        load_config(path, ["data.template=llama4"])
+    with pytest.raises(UserError, match="data.template: file not found: .*other.jinja"):
+        load_config(path, [f"data.template={tmp_path / 'other.jinja'}"])
+    with pytest.raises(UserError, match="data.loss_on: given 'everything'; expected one of all_assistant, last_assistant"):
+        load_config(path, ["data.loss_on=everything"])
+    # Waiting longer for another process's tokenization does not change what a run computes.
+    assert config_hash(cfg) == config_hash(load_config(path, ["data.lock_timeout_s=10"]))

@@ -71,7 +71,7 @@ def test_prepare_counts_and_masks(tmp_path, tokenizer) -> None:
     held = {_decode_loss(tokenizer, e.input_ids, e.labels) for e in domain.heldout}
     total = 0
     for row in rows:
-        messages = [{"role": "user", "content": row["instruction"] + ("\n\n" + row["input"] if row["input"] else "")},
+        messages = [{"role": "user", "content": row["instruction"] + ("\n" + row["input"] if row["input"] else "")},
                     {"role": "assistant", "content": row["output"]}]
         if row["output"] + "</s>" in held:
             continue
@@ -171,8 +171,8 @@ def test_concurrent_prepares_agree(tmp_path, tokenizer) -> None:
     fingerprints = {r.per_domain[0].fingerprint for r in results}
     tokens = {r.per_domain[0].train_tokens for r in results}
     assert len(fingerprints) == 1 and len(tokens) == 1
-    files = list((tmp_path / "cache" / "tokenized").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"
+    files = list((tmp_path / "cache" / "tokenized").glob("*.npz"))
+    assert len(files) == 1
     assert data.prepare_data(cfg.data, tokenizer).per_domain[0].train_tokens == tokens.pop()
 
 
@@ -220,8 +220,8 @@ def test_row_missing_a_field(tmp_path, tokenizer) -> None:
     domain = _domain(tmp_path, "a", [_alpaca(0), _alpaca(1), {"instruction": "x", "output": "y"}, {"instruction": "no output"}])
     with pytest.raises(UserError, match=r"a\.jsonl:4: missing required field 'output'"):
         data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
-    domain = _domain(tmp_path, "b", [_alpaca(0), _alpaca(1), {"instruction": "x", "output": 7}])
-    with pytest.raises(UserError, match=r"b\.jsonl:3: field 'output' must be a string"):
+    domain = _domain(tmp_path, "b", [_alpaca(0), _alpaca(1), {"instruction": "x", "output": ["a", "list"]}])
+    with pytest.raises(UserError, match=r"b\.jsonl:3: output is a list whose item 1 is not a typed part"):
         data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
 
 
@@ -232,19 +232,20 @@ def test_bad_rows_skipped_are_counted_and_logged(tmp_path, tokenizer, caplog) ->
         result = data.prepare_data(_config(tmp_path, [domain], on_bad_row="skip").data, tokenizer).per_domain[0]
     assert result.skipped == {domain["train"]: 3}
     assert result.train_examples + len(result.heldout) == 6
-    assert "skipped 3 row(s)" in caplog.text and "a.jsonl" in caplog.text
+    assert "domain a: 3 of 9 rows skipped" in caplog.text
+    assert "a.jsonl:7 (not valid JSON" in caplog.text and "a.jsonl:8 (missing required field 'output')" in caplog.text
 
 
 def test_empty_domain(tmp_path, tokenizer) -> None:
     (tmp_path / "empty.jsonl").write_text("\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"data.domains\[1\].train: domain 'b' has no usable rows"):
+    with pytest.raises(UserError, match=r"data.domains\[1\].train: domain 'b': \S*empty.jsonl: no records"):
         data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0), _alpaca(1)]),
                                              {"name": "b", "train": str(tmp_path / "empty.jsonl")}]).data, tokenizer)
 
 
 def test_all_rows_bad_and_skipped_is_an_empty_domain(tmp_path, tokenizer) -> None:
     rows = [_alpaca(0), {"instruction": "no output"}, "not json"]
-    with pytest.raises(UserError, match=r"has no usable rows .*\(2 skipped\)"):
+    with pytest.raises(UserError, match=r"a\.jsonl: no usable rows: all 2 skipped .*the first: \S*a.jsonl:1: missing required field"):
         data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", rows[1:], format="alpaca")], on_bad_row="skip").data, tokenizer)
 
 
@@ -256,15 +257,15 @@ def test_format_that_does_not_match(tmp_path, tokenizer) -> None:
     domain = _domain(tmp_path, "a", [_alpaca(0), _alpaca(1)], format="sharegpt")
     with pytest.raises(UserError, match=r"a\.jsonl:1: data.domains\[0\].format is 'sharegpt' but the rows look like alpaca"):
         data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
-    unknown = _domain(tmp_path, "b", [{"question": "q", "answer": "a"}])
-    with pytest.raises(UserError, match=r"b\.jsonl:1: cannot tell the row format .*set data.domains\[0\].format"):
+    unknown = _domain(tmp_path, "b", [{"query_text": "q", "reply": "a"}])
+    with pytest.raises(UserError, match=r"b\.jsonl:1: cannot tell the row format .*columns: \{prompt: query_text, response: reply\}"):
         data.prepare_data(_config(tmp_path, [unknown]).data, tokenizer)
 
 
 def test_non_utf8_file(tmp_path, tokenizer) -> None:
     path = tmp_path / "a.jsonl"
     path.write_bytes(json.dumps(_alpaca(0)).encode() + b"\n" + '{"instruction": "caf\xe9", "output": "x"}'.encode("latin-1") + b"\n")
-    with pytest.raises(UserError, match=r"a\.jsonl:2: not UTF-8 text \(byte 0xe9 .*save the file as UTF-8"):
+    with pytest.raises(UserError, match=r"a\.jsonl:2: not UTF-8 text \(byte 0xe9; the file looks like Latin-1.*save the file as UTF-8"):
         data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(path)}]).data, tokenizer)
     json_path = tmp_path / "b.json"
     json_path.write_bytes(b'[\n{"instruction": "caf\xe9", "output": "x"}\n]')
@@ -277,14 +278,14 @@ def test_domain_with_no_heldout_data(tmp_path, tokenizer) -> None:
         data.prepare_data(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(0)])]).data, tokenizer)
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     domain = _domain(tmp_path, "b", [_alpaca(0), _alpaca(1)], heldout=str(tmp_path / "empty.jsonl"))
-    with pytest.raises(UserError, match=r"data.domains\[0\].heldout: domain 'b' has no held-out data"):
+    with pytest.raises(UserError, match=r"data.domains\[0\].heldout: domain 'b' has no held-out data: \S*empty.jsonl: no records"):
         data.prepare_data(_config(tmp_path, [domain]).data, tokenizer)
 
 
 def test_unknown_source_kind_and_missing_folder_files(tmp_path, tokenizer) -> None:
-    (tmp_path / "rows.csv").write_text("a,b\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"data.domains\[0\].train\[0\]: .*rows.csv is not a .jsonl, .json, .parquet file"):
-        data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(tmp_path / "rows.csv")}]).data, tokenizer)
+    (tmp_path / "rows.xml").write_text("<a/>\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"data.domains\[0\].train\[0\]: .*rows.xml is not a .jsonl, .json, .csv, .tsv, .parquet file"):
+        data.prepare_data(_config(tmp_path, [{"name": "a", "train": str(tmp_path / "rows.xml")}]).data, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ def test_domain_texts(tmp_path) -> None:
     chats = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}]
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(raw)), _domain(tmp_path, "b", chats)])
     texts, ids = data.domain_texts(cfg.data)
-    assert texts == ["Question number 1?\n\ncontext\nanswer 1", "raw passage", "S\nU\nA"]
+    assert texts == ["Question number 1?\ncontext\nanswer 1", "raw passage", "S\nU\nA"]
     assert ids == [0, 0, 1]
     bad_raw = _write_jsonl(tmp_path / "bad_raw.jsonl", [{"body": "x"}])
     with pytest.raises(UserError, match=r"bad_raw\.jsonl:1: a raw text row needs a string field 'text'"):
@@ -348,3 +349,11 @@ def test_hf_source_from_a_local_folder(tmp_path, monkeypatch) -> None:
     assert sources.file_hash(source).startswith("hf-")
     with pytest.raises(UserError, match="cannot load the Hugging Face data set"):
         list(sources.read_rows(f"hf:{tmp_path / 'missing'}"))
+
+
+def test_tokenize_sft_file_uses_the_domains_column_mapping(tmp_path, tokenizer) -> None:
+    rows = [{"question": f"Q{i}?", "reply": f"A{i}.", "note": "x"} for i in range(3)]
+    path = _write_jsonl(tmp_path / "held.jsonl", rows)
+    cfg = _config(tmp_path, [{**_domain(tmp_path, "a", rows), "columns": {"prompt": "question", "response": "reply"}}])
+    examples = data.tokenize_sft_file(str(path), tokenizer, cfg.data, Domains(("a",)), domain_id=0)
+    assert [_decode_loss(tokenizer, e.input_ids, e.labels) for e in examples] == [f"A{i}.</s>" for i in range(3)]

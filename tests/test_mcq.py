@@ -197,3 +197,24 @@ def test_real_eval_files_load(shared_data):
     for name in ("law", "code"):
         items = load_mcq_file(shared_data / "eval" / f"{name}.jsonl", 0, max_items=20)
         assert len(items) == 20 and all(len(i.choices) == 4 for i in items)
+
+
+def test_mcq_files_in_other_encodings_are_one_clear_error(tmp_path):
+    row = {"question": "Café or thé?", "choices": ["café", "thé"], "answer": 0}
+    text = json.dumps(row, ensure_ascii=False) + "\n"
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert load_mcq_file(bom, 0)[0].question == "Café or thé?"  # a UTF-8 byte-order mark is fine
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(text.encode("latin-1"))
+    with pytest.raises(UserError, match=r"--mcq: \S*latin.jsonl:1: not UTF-8 text \(byte 0xe9; the file looks like Latin-1 / "
+                                        r"Windows-1252\); save it as UTF-8 \(e.g. iconv -f latin1 -t UTF-8"):
+        load_mcq_file(latin, 0)
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(text.encode("utf-16"))  # with its byte-order mark
+    with pytest.raises(UserError, match=r"--mcq: \S*utf16.jsonl: the file is UTF-16 text, not UTF-8; save it as UTF-8 \(e.g. iconv -f UTF-16"):
+        load_mcq_file(utf16, 0)
+    no_bom = tmp_path / "utf16le.jsonl"
+    no_bom.write_bytes(text.encode("utf-16-le"))
+    with pytest.raises(UserError, match="is UTF-16 text"):
+        load_mcq_file(no_bom, 0)

@@ -146,7 +146,7 @@ def test_plan_over_the_real_sft_files(tmp_path, tiny_model_dir, tokenizer, share
     for domain_plan, domain_data, rows in zip(result.domains, data.per_domain, domains.values()):
         direct = 0
         for row in rows:
-            user = row["instruction"] + ("\n\n" + row["input"] if row["input"] else "")
+            user = row["instruction"] + ("\n" + row["input"] if row["input"] else "")  # joined as LLaMA-Factory does
             messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
             direct += len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
         assert domain_plan.train_examples + domain_plan.heldout_examples == len(rows)

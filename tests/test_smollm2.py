@@ -63,7 +63,7 @@ def test_real_chat_template_puts_loss_on_the_answers_only(smollm2_dir: Path) -> 
                 {"role": "assistant", "content": "Seven."}, {"role": "user", "content": "Another?"},
                 {"role": "assistant", "content": "Eleven."}]
     template = templates.resolve_template(tokenizer, "auto")
-    assert template == "chat_template"
+    assert template.name == "chat_template"
     rendered = templates.render(messages, tokenizer, template)
     ids, labels = templates.tokenize_rendered([rendered], tokenizer)
     loss_text = tokenizer.decode([i for i, label in zip(ids[0], labels[0]) if label != IGNORE_INDEX])

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "init": "init",
     "check-config": "check_config",
     "plan": "plan",
+    "preview": "preview",
     "probe": "probe",
     "train": "train",
     "eval": "eval",

@@ -42,6 +42,7 @@ HASH_EXCLUDED_KEYS: tuple[str, ...] = (
     "dist",
     "data.cache_dir",
     "data.num_proc",
+    "data.lock_timeout_s",
     "deepspeed.nvme_path",
 )
 

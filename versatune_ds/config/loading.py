@@ -185,6 +185,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 _OPTIONALPATH_KEYS = (
     ("model", "path"),
     ("model", "tokenizer"),
+    ("data", "template"),  # a .jinja file (template names such as llama3 are left as they are)
     ("deepspeed", "config"),
     ("mixture", "distribution"),
     ("classifier", "path"),

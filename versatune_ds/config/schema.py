@@ -32,12 +32,38 @@ class ConfigError(UserError):
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    """Which columns of a domain's rows hold what (in the spirit of LLaMA-Factory's dataset_info.json).
+
+    Once a domain has `columns`, only the columns named here are read (LLaMA-Factory does the same), so a
+    column the mapping does not name is never trained by accident. Tags name the keys and speaker names
+    inside each turn of a `messages` list (defaults: role/content or from/value; user/human, assistant/gpt, ...).
+    """
+
+    prompt: str | None = None  # the instruction / question column
+    query: str | None = None  # an optional second input, appended to the prompt after a newline
+    response: str | None = None  # the answer column
+    history: str | None = None  # earlier turns as [[prompt, answer], ...]
+    system: str | None = None  # a system prompt column
+    messages: str | None = None  # a column holding a list of turns (then prompt/query/response are not used)
+    tools: str | None = None  # tool schemas (a list, or its JSON text)
+    role_tag: str | None = None  # the key of a turn's speaker (default: role or from)
+    content_tag: str | None = None  # the key of a turn's text (default: content or value)
+    user_tag: str | None = None  # the speaker name of user turns (besides user / human)
+    assistant_tag: str | None = None  # ... of assistant turns (besides assistant / gpt)
+    system_tag: str | None = None  # ... of system turns (besides system)
+    observation_tag: str | None = None  # ... of tool results (besides tool / observation)
+    function_tag: str | None = None  # ... of tool calls (besides function_call / tool_call)
+
+
+@dataclass(frozen=True)
 class DomainConfig:
     name: str
-    train: tuple[str, ...] = ()  # files (jsonl/json/parquet), folders, or `hf:<name>[:<split>]`
+    train: tuple[str, ...] = ()  # files (jsonl/json/csv/tsv/parquet), folders, or `hf:<name>[:<split>]`
     heldout: tuple[str, ...] = ()  # explicit held-out sources; empty = a fixed-seed split of `train`
     raw: tuple[str, ...] = ()  # optional domain-tagged raw text (field `text`) for the probe classifier
     format: str = "auto"  # auto | alpaca | sharegpt | messages
+    columns: ColumnsConfig | None = None  # column mapping for rows in other shapes (see ColumnsConfig)
 
 
 @dataclass(frozen=True)
@@ -62,14 +88,19 @@ class DataConfig:
     dir: str | None = None  # where `<name>.jsonl` is looked up for domains given by name only
     seq_len: int = 1024
     packing: bool = True
-    template: str = "auto"  # auto (chat template if the tokenizer has one) | chat_template | simple | chatml
+    # auto (the tokenizer's chat template, else `simple` with a warning) | chat_template | a catalogue name
+    # (llama3, qwen2.5, mistral, gemma, alpaca; built in: simple, chatml) | a path to a .jinja file
+    template: str = "auto"
+    loss_on: str = "all_assistant"  # all_assistant | last_assistant; per-turn weight/loss flags apply on top
     truncation: str = "error"  # error | truncate | skip: what to do with an example longer than seq_len
     on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported per file)
+    max_row_bytes: int = 4 * 1024 * 1024  # a bigger row is a bad row (refused, or skipped with on_bad_row=skip)
     heldout_fraction: float = 0.05  # used when a domain has no explicit held-out sources
     heldout_max_examples: int = 256
     max_examples_per_domain: int | None = None  # cap on training examples read per domain
     cache_dir: str = "~/.cache/versatune_ds"
     num_proc: int = 1
+    lock_timeout_s: int = 3600  # how long a process waits for another one tokenizing the same domain
 
 
 @dataclass(frozen=True)
@@ -207,7 +238,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
     "model.dtype": ("auto", "bf16", "fp16", "fp32"),
-    "data.template": ("auto", "chat_template", "simple", "chatml"),
+    "data.loss_on": ("all_assistant", "last_assistant"),
     "data.truncation": ("error", "truncate", "skip"),
     "data.on_bad_row": ("error", "skip"),
     "mixture.strategy": STRATEGIES,
@@ -222,8 +253,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "export.dtype": ("auto", "bf16", "fp16", "fp32"),
 }
 FORMATS: tuple[str, ...] = ("auto", "alpaca", "sharegpt", "messages")
+# data.template: the names that are not a file path (the catalogue lives in versatune_ds.data.chat_templates;
+# tests/test_templates.py checks the two lists agree).
+TEMPLATE_NAMES: tuple[str, ...] = ("auto", "chat_template", "simple", "chatml", "llama3", "qwen2.5", "qwen", "mistral", "gemma", "alpaca")
 POSITIVE_INTS = (
-    "data.seq_len", "data.heldout_max_examples", "data.num_proc", "mixture.block_size", "train.max_steps",
+    "data.seq_len", "data.heldout_max_examples", "data.num_proc", "data.max_row_bytes", "data.lock_timeout_s",
+    "mixture.block_size", "train.max_steps",
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.log_every", "eval.every",
     "eval.micro_batch_size", "checkpoint.every", "checkpoint.keep_last", "dist.timeout_s", "probe.num_samples",
     "probe.max_new_tokens", "probe.batch_size", "classifier.num_bootstrap",

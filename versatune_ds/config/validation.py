@@ -15,7 +15,9 @@ from versatune_ds.config.schema import (
     HF_SOURCE_PREFIX,
     NON_NEGATIVE_NUMBERS,
     POSITIVE_INTS,
+    TEMPLATE_NAMES,
     UNIT_INTERVAL,
+    ColumnsConfig,
     RunConfig,
 )
 
@@ -57,6 +59,7 @@ def validate(cfg: RunConfig, *, check_files: bool = True) -> list[str]:
         value = _get(cfg, key)
         if isinstance(value, (int, float)) and not 0 <= value <= 1:
             problems.append(f"{key}: given {value}; expected a number between 0 and 1")
+    problems.extend(_validate_template(cfg.data.template, check_files))
     if not cfg.model.path:
         problems.append("model.path: missing; give a local model folder or a hub name (model.path=/path/to/model)")
     if cfg.probe.temperature <= 0:
@@ -86,6 +89,8 @@ def _validate_domains(cfg: RunConfig, check_files: bool = True) -> list[str]:
             problems.append(f"{key}.train: domain {domain.name!r} has no training sources; list files, or set data.dir")
         if domain.format not in FORMATS:
             problems.append(f"{key}.format: given {domain.format!r}; expected one of {', '.join(FORMATS)}")
+        if domain.columns is not None:
+            problems.extend(_validate_columns(domain.columns, domain.format, f"{key}.columns"))
         for source_key in PATH_KEYS:
             for i, source in enumerate(getattr(domain, source_key)):
                 if check_files and not source.startswith(HF_SOURCE_PREFIX) and not path_exists(Path(source)):
@@ -119,4 +124,42 @@ def _validate_domains(cfg: RunConfig, check_files: bool = True) -> list[str]:
         problems.append(f"mixture.target_domain: given {mixture.target_domain!r}; expected one of {', '.join(names)}")
     if mixture.floor * max(len(names), 1) > 1:
         problems.append(f"mixture.floor: given {mixture.floor}; with {len(names)} domains the floor must be <= {1 / max(len(names), 1):.4f}")
+    return problems
+
+
+def _validate_template(template: str, check_files: bool) -> list[str]:
+    """data.template: a known name, or a path to a Jinja chat template file."""
+    if template in TEMPLATE_NAMES:
+        return []
+    if not template.endswith((".jinja", ".j2")) and "/" not in template:
+        return [f"data.template: given {template!r}; expected one of {', '.join(TEMPLATE_NAMES)} or a path to a .jinja file"]
+    if check_files and not Path(template).is_file():
+        return [f"data.template: file not found: {template}; give a Jinja chat template file (relative paths resolve "
+                "against the config file's folder) or a template name"]
+    return []
+
+
+def _validate_columns(columns: ColumnsConfig, fmt: str, key: str) -> list[str]:
+    """A column mapping names either a turn list (`messages`) or prompt/response columns, never both."""
+    given = {name: value for name, value in vars(columns).items() if value is not None}
+    problems = [f"{key}.{name}: given an empty name; expected a column name" for name, value in given.items() if not value.strip()]
+    turn_keys = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag", "observation_tag", "function_tag")
+    pair_keys = ("prompt", "query", "response", "history")
+    if columns.messages is not None:
+        both = [name for name in pair_keys if name in given]
+        if both:
+            problems.append(f"{key}: given both messages and {', '.join(both)}; map either a turn list (messages) "
+                            "or prompt/response columns")
+        if fmt == "alpaca":
+            problems.append(f"{key}.messages: format is 'alpaca' but the mapping names a turn list; set format: auto")
+    elif columns.response is None:
+        problems.append(f"{key}: map the answer column (response: <column>) or a turn list (messages: <column>)")
+    else:
+        tags = [name for name in turn_keys if name in given]
+        if tags:
+            problems.append(f"{key}: {', '.join(tags)} apply to turn lists; they need messages: <column>")
+        if columns.prompt is None:
+            problems.append(f"{key}: map the prompt column too (prompt: <column>)")
+        if fmt in ("sharegpt", "messages"):
+            problems.append(f"{key}.response: format is {fmt!r} but the mapping names prompt/response columns; set format: auto")
     return problems

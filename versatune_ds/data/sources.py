@@ -1,42 +1,44 @@
 """Reading data sources: files, folders and `hf:` data sets into rows that keep their `file:line`.
 
-A source is a JSONL file, a JSON file holding a list of objects, a parquet file, a folder of such files
-(read in sorted order), or a Hugging Face data set written `hf:<name>[:<split>]`. Rows are parsed one by
-one so a bad one can be named by `file:line` and, with `data.on_bad_row=skip`, counted and skipped
-without losing the rest. `read_records` also checks the row format (data.formats).
+A source is a JSONL file, a JSON file (a list of rows, or one row), a CSV or TSV file (a header row, then
+one row per record; every cell is text), a parquet file, a folder of such files (read in sorted order), or
+a Hugging Face data set written `hf:<name>[:<split>]`. Rows are parsed one by one so a bad one can be named
+by `file:line` and, with `data.on_bad_row=skip`, counted and skipped without losing the rest.
+
+Hostile or broken input costs little: a row bigger than `data.max_row_bytes` is refused before it is parsed
+(a JSONL line is not even kept in memory), JSON nested deeper than `MAX_NESTING_DEPTH` is refused, a UTF-8
+byte-order mark is removed, and a file in another encoding is named (data.encoding).
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
+import pyarrow
 import pyarrow.parquet
 from datasets import load_dataset
 
 from versatune_ds.config.schema import HF_SOURCE_PREFIX
-from versatune_ds.data import formats
+from versatune_ds.data.encoding import decode_utf8, foreign_encoding, strip_utf8_bom, undecodable_reason
 from versatune_ds.errors import UserError
 
-SOURCE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 SKIP_HINT = "fix the row, or set data.on_bad_row=skip to skip such rows (they are counted and reported per file)"
+MAX_NESTING_DEPTH = 100  # JSON nesting deeper than this is refused (real rows nest < 15 levels: tool schemas)
 
-
-@dataclass(frozen=True)
-class Record:
-    """One parsed row: where it came from and its messages."""
-
-    where: str  # file:line (or `file row N` for parquet / hf)
-    file: str
-    messages: list[dict[str, str]]
-
+# (where, row, problem): `problem` is "" for a row that parsed; a row with a problem is None.
+SourceRow = tuple[str, Any, str]
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading sources
+# Files of a source
 
 
 def expand_source(source: str, key: str) -> list[str]:
@@ -51,6 +53,12 @@ def expand_source(source: str, key: str) -> list[str]:
         return files
     if not path.is_file():
         raise UserError(f"{key}: file not found: {source}")
+    if path.suffix == ".txt":
+        raise UserError(
+            f"{key}: {source}: plain text has no prompt/response structure, so .txt is not an SFT format; "
+            "give rows with prompt and answer (README: Bring your own data), or list pre-training text as the "
+            "domain's raw sources (JSONL rows with a 'text' field)"
+        )
     if path.suffix not in SOURCE_SUFFIXES:
         raise UserError(f"{key}: {source} is not a {', '.join(SOURCE_SUFFIXES)} file; convert it to JSONL")
     return [source]
@@ -66,49 +74,134 @@ def file_hash(file: str) -> str:
     return digest.hexdigest()
 
 
-def read_rows(file: str) -> Iterator[tuple[str, Any, str]]:
-    """(where, row, problem) for every row of a file; `problem` is "" for a row that parsed."""
+# ----------------------------------------------------------------------------------------------
+# Rows of a file
+
+
+def read_rows(file: str, max_row_bytes: int = 4 * 1024 * 1024) -> Iterator[SourceRow]:
+    """(where, row, problem) for every row of a file, in order; blank lines are not rows."""
     if file.startswith(HF_SOURCE_PREFIX):
         for number, row in enumerate(_hf_dataset(file), start=1):
-            yield f"{file} row {number}", row, ""
+            yield _checked(f"{file} row {number}", row, max_row_bytes)
     elif file.endswith(".parquet"):
-        for number, row in enumerate(pyarrow.parquet.read_table(file).to_pylist(), start=1):
-            yield f"{file} row {number}", row, ""
+        yield from _parquet_rows(file, max_row_bytes)
     elif file.endswith(".json"):
-        yield from _json_list_rows(file)
+        yield from _json_rows(file, max_row_bytes)
+    elif file.endswith((".csv", ".tsv")):
+        yield from _table_rows(file, max_row_bytes)
     else:
-        yield from _jsonl_rows(file)
+        yield from _jsonl_rows(file, max_row_bytes)
 
 
-def _jsonl_rows(file: str) -> Iterator[tuple[str, Any, str]]:
+def _too_big(size: int, limit: int) -> str:
+    return (f"the row is {size:,} bytes, more than data.max_row_bytes={limit:,}; split it, or raise "
+            "data.max_row_bytes if such rows are intended")
+
+
+def _nesting_depth(value: Any, limit: int) -> int:
+    """The nesting depth of a parsed JSON value, counted up to `limit + 1` (iterative: no recursion to overflow)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                return depth
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _too_deep_reason() -> str:
+    return f"JSON nested more than {MAX_NESTING_DEPTH} levels deep; rows of prompts and answers never need that"
+
+
+def _checked(where: str, row: Any, max_row_bytes: int, size: int | None = None) -> SourceRow:
+    """A parsed row, or its problem when it is too deeply nested or too big."""
+    if _nesting_depth(row, MAX_NESTING_DEPTH) > MAX_NESTING_DEPTH:
+        return where, None, _too_deep_reason()
+    if size is None:
+        size = len(json.dumps(row, ensure_ascii=False, default=str).encode("utf-8"))
+    if size > max_row_bytes:
+        return where, None, _too_big(size, max_row_bytes)
+    return where, row, ""
+
+
+def _parse_line(where: str, line: bytes, max_row_bytes: int) -> SourceRow:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return where, None, f"{undecodable_reason(line, exc.start)} at column {exc.start + 1}; save the file as UTF-8"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return where, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return where, None, _too_deep_reason()
+    return _checked(where, row, max_row_bytes, size=len(line))
+
+
+def _jsonl_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
     with open(file, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        head = handle.read(64)
+        encoding = foreign_encoding(head)
+        if encoding is not None:
+            raise UserError(f"{file}: the file is {encoding} text, not UTF-8; save it as UTF-8")
+        handle.seek(0)
+        number = 0
+        while True:
+            raw = handle.readline(max_row_bytes + 2)  # a line of max_row_bytes plus "\r\n"
+            if not raw:
+                return
+            number += 1
             where = f"{file}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield where, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+            if number == 1:
+                raw = strip_utf8_bom(raw)
+            if not raw.endswith(b"\n") and len(raw) == max_row_bytes + 2:
+                # Too long: skip the rest of the line without keeping it in memory.
+                size = len(raw)
+                while (chunk := handle.readline(1 << 20)) and not chunk.endswith(b"\n"):
+                    size += len(chunk)
+                yield where, None, _too_big(size + len(chunk.rstrip(b"\r\n")), max_row_bytes)
                 continue
+            line = raw.rstrip(b"\r\n")
             if not line.strip():
                 continue
-            try:
-                yield where, json.loads(line), ""
-            except json.JSONDecodeError as exc:
-                yield where, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            if len(line) > max_row_bytes:
+                yield where, None, _too_big(len(line), max_row_bytes)
+                continue
+            yield _parse_line(where, line, max_row_bytes)
 
 
-def _json_list_rows(file: str) -> Iterator[tuple[str, Any, str]]:
-    """A JSON file holding a list of objects, read element by element so each keeps its line number."""
+def _read_text(file: str) -> str:
     data = Path(file).read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise UserError(f"{file}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from None
+    text, reason = decode_utf8(data, file)
+    if text is None:
+        raise UserError(reason)
+    return text
+
+
+def _json_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
+    """A JSON file holding a list of rows (read element by element, so each keeps its line number), or one row."""
+    text = _read_text(file)
     decoder = json.JSONDecoder()
     at = _skip_space(text, 0)
+    if at == len(text):
+        return
     if not text.startswith("[", at):
-        raise UserError(f"{file}:1: a .json data file must hold a list of objects ([{{...}}, ...]); for one object per line use .jsonl")
+        # One row (e.g. axolotl's single-conversation files); the format check names an object that holds rows.
+        try:
+            row, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file") from None
+        except RecursionError:
+            raise UserError(f"{file}: {_too_deep_reason()}") from None
+        if _skip_space(text, end) != len(text):
+            raise UserError(f"{file}: more than one JSON value; a .json file holds one list of rows (or one row), "
+                            "a .jsonl file one row per line")
+        yield _checked(f"{file}:{text.count(chr(10), 0, at) + 1}", row, max_row_bytes, size=end - at)
+        return
     at = _skip_space(text, at + 1)
     line, counted_to = 1, 0
     while not text.startswith("]", at):
@@ -118,7 +211,9 @@ def _json_list_rows(file: str) -> Iterator[tuple[str, Any, str]]:
             row, end = decoder.raw_decode(text, at)
         except json.JSONDecodeError as exc:
             raise UserError(f"{file}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); fix the file") from None
-        yield f"{file}:{line}", row, ""
+        except RecursionError:
+            raise UserError(f"{file}:{line}: {_too_deep_reason()}") from None
+        yield _checked(f"{file}:{line}", row, max_row_bytes, size=end - at)
         at = _skip_space(text, end)
         if text.startswith(",", at):
             at = _skip_space(text, at + 1)
@@ -133,6 +228,65 @@ def _skip_space(text: str, at: int) -> int:
     return at
 
 
+@contextlib.contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    # The csv module refuses cells over 128 KiB by default, and after that error it reads a quoted cell's
+    # remaining lines as rows. Allow any cell the (already read) text can hold; rows are checked by size after.
+    old = csv.field_size_limit()
+    csv.field_size_limit(max(old, min(limit, sys.maxsize)))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _table_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
+    """CSV / TSV with a header row. Every cell stays text ('007' is not 7, 'NA' is not missing); an empty cell is
+    an absent value."""
+    text = _read_text(file)
+    delimiter = "\t" if file.endswith(".tsv") else ","
+    with _csv_field_limit(len(text) + 1):
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        try:
+            header = next(reader, None)
+        except csv.Error as exc:
+            raise UserError(f"{file}:1: not a valid header row ({exc}); fix the file") from None
+        if header is None:
+            return
+        header = [name.strip() for name in header]
+        if any(not name for name in header) or len(set(header)) != len(header):
+            raise UserError(f"{file}:1: the header row must name every column once (got {header}); fix the file")
+        line = reader.line_num
+        while True:
+            start = line + 1
+            try:
+                cells = next(reader, None)
+            except csv.Error as exc:  # the reader cannot find the next row after this: the file is refused
+                raise UserError(f"{file}:{start}: not a valid {delimiter!r}-separated row ({exc}); fix the file") from None
+            if cells is None:
+                return
+            line = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            where = f"{file}:{start}"
+            size = sum(len(cell.encode("utf-8")) for cell in cells)
+            if size > max_row_bytes:
+                yield where, None, _too_big(size, max_row_bytes)
+            elif len(cells) > len(header):
+                yield where, None, f"{len(cells)} cells but the header names {len(header)} columns; quote cells that hold {delimiter!r}"
+            else:
+                yield where, {name: cell for name, cell in zip(header, cells) if cell != ""}, ""
+
+
+def _parquet_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
+    try:
+        rows = pyarrow.parquet.read_table(file).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise UserError(f"{file}: cannot read the parquet file ({exc}); check that it is a whole parquet file") from None
+    for number, row in enumerate(rows, start=1):
+        yield _checked(f"{file} row {number}", row, max_row_bytes)
+
+
 def _hf_dataset(source: str) -> Any:
     """`hf:<name>[:<split>]` through `datasets.load_dataset` (needs the hub or a local data set path)."""
     name, _, split = source[len(HF_SOURCE_PREFIX) :].partition(":")
@@ -142,62 +296,13 @@ def _hf_dataset(source: str) -> Any:
         raise UserError(f"{source}: cannot load the Hugging Face data set: {exc}") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Rows -> records
-
-
-def read_records(files: Sequence[str], fmt: str, on_bad_row: str, key: str, skipped: dict[str, int]) -> list[Record]:
-    """Parse every row of `files` into messages; bad rows raise or (on_bad_row=skip) are counted in `skipped`."""
-    records: list[Record] = []
-    for file in files:
-        file_format = None if fmt == "auto" else fmt
-        first = True
-        for where, row, problem in read_rows(file):
-            if not problem:
-                detected = formats.detect_format(row)
-                if first:
-                    file_format = _check_first_row(where, row, detected, file_format, key)
-                    first = False
-                elif detected is not None and detected != file_format:  # (None: to_messages says what is missing)
-                    problem = f"the row does not match the file's format {file_format} (it has keys {_keys(row)})"
-            if not problem:
-                try:
-                    records.append(Record(where, file, formats.to_messages(row, file_format)))
-                    continue
-                except formats.RowError as exc:
-                    problem = str(exc)
-            if on_bad_row == "error":
-                raise UserError(f"{where}: {problem}; {SKIP_HINT}")
-            skipped[file] = skipped.get(file, 0) + 1
-    return records
-
-
-def _check_first_row(where: str, row: Any, detected: str | None, fmt: str | None, key: str) -> str:
-    if fmt is not None and detected is None:
-        return fmt  # a broken row of the configured format: to_messages reports what is missing
-    if detected is None:
-        raise UserError(
-            f"{where}: cannot tell the row format (keys {_keys(row)}); expected {formats.describe_formats()}; "
-            f"fix the file or set {key}.format"
-        )
-    if fmt is not None and detected != fmt:
-        raise UserError(
-            f"{where}: {key}.format is {fmt!r} but the rows look like {detected} (keys {_keys(row)}); "
-            f"set {key}.format={detected} or auto"
-        )
-    return detected
-
-
-def _keys(row: Any) -> str:
-    return ", ".join(sorted(map(str, row))) if isinstance(row, dict) else type(row).__name__
-
-
-def read_raw_texts(file: str, on_bad_row: str, skipped: dict[str, int]) -> list[str]:
+def read_raw_texts(file: str, on_bad_row: str, skipped: dict[str, int], max_row_bytes: int = 4 * 1024 * 1024) -> list[str]:
     """The non-blank `text` fields of a raw-text file (for the probe classifier)."""
     out = []
-    for where, row, problem in read_rows(file):
+    for where, row, problem in read_rows(file, max_row_bytes):
         if not problem and not (isinstance(row, dict) and isinstance(row.get("text"), str)):
-            problem = f"a raw text row needs a string field 'text' (it has keys {_keys(row)})"
+            keys = ", ".join(sorted(map(str, row))) if isinstance(row, dict) else type(row).__name__
+            problem = f"a raw text row needs a string field 'text' (it has keys {keys})"
         if problem:
             if on_bad_row == "error":
                 raise UserError(f"{where}: {problem}; {SKIP_HINT}")

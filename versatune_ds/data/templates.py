@@ -1,81 +1,132 @@
-"""Conversation rendering and assistant-only loss masks (row formats are in data.formats).
+"""Chat templates: which one renders a domain's rows, the two built-in ones, and tokenization with loss masks.
 
-A conversation is rendered to one string plus the character spans that carry loss, then tokenized in
-one call with the tokenizer's offset mapping; a token is a loss token when it overlaps a loss
-span (see `labels_from_offsets` for the one boundary case). So no prefix is ever assumed to tokenize the
-same way on its own as inside the full text.
+`data.template` (resolved once per run by `resolve_template`):
 
-What the loss covers (the tests decode the masked tokens and compare with exactly this):
+- `auto` (default): the tokenizer's own chat template; a tokenizer without one (a base model) falls back to
+  `simple`, with a warning that names the fallback and the choices;
+- `chat_template`: the tokenizer's own, required;
+- a catalogue name (data.chat_templates: llama3, qwen2.5, mistral, gemma, alpaca) or a path to a .jinja file;
+- `simple` / `chatml`: built in, rendered here. They cannot express tools: rows with tools are refused.
 
-- `simple`:  each assistant content + EOS.
-- `chatml`:  each assistant content + `<|im_end|>` (+ EOS when the tokenizer's EOS is another token).
-- `chat_template` (the tokenizer's own): each assistant content + the template's end-of-turn text up to
-  the last non-whitespace character (e.g. `</s>`, `<|im_end|>`, `<|eot_id|>`). The assistant part is
-  found by rendering the conversation up to each assistant turn with `add_generation_prompt=True` and
-  up to its end; if the template puts nothing after the content, EOS is inserted there, so every
-  assistant turn ends with a stop token.
+Jinja templates are rendered by data.template_jinja. A conversation is rendered to one string plus the
+character spans that carry loss, then tokenized in one call with the tokenizer's offset mapping; a token is a
+loss token when it overlaps a loss span (see `labels_from_offsets` for the one boundary case). So no prefix is
+ever assumed to tokenize the same way on its own as inside the full text. What the loss covers:
+
+- `simple`: each assistant content + EOS;
+- `chatml`: each assistant content + `<|im_end|>` (+ EOS when the tokenizer's EOS is another token);
+- Jinja: each assistant content (the whole turn for tool calls) + the template's end-of-turn text up to its
+  last non-whitespace character (e.g. `</s>`, `<|im_end|>`, `<|eot_id|>`), EOS inserted where there is none.
+
+Only assistant turns whose `loss` is true get spans (data.conversation); the others are context.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from versatune_ds.data.formats import RowError
+from versatune_ds.data.chat_templates import BUILT_IN, catalogue_entry
+from versatune_ds.data.conversation import Message, RowError, Tool
 from versatune_ds.data.packing import IGNORE_INDEX
+from versatune_ds.data.template_jinja import Rendered, apply_template, render_jinja
+from versatune_ds.errors import UserError
 
-TEMPLATES = ("auto", "chat_template", "simple", "chatml")
+logger = logging.getLogger(__name__)
+CHOICES_TEXT = "the catalogue (llama3, qwen2.5, mistral, gemma, alpaca), built-in simple / chatml, or a .jinja file"
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A resolved data.template."""
+
+    name: str  # chat_template (the tokenizer's own) | a catalogue name | simple | chatml | a file path
+    source: str | None  # the Jinja text (None: the tokenizer's own template, or a built-in)
+    builtin: bool  # simple / chatml, rendered in Python
+    fingerprint: str  # a hash of what renders (part of the cache key)
+
+
+def resolve_template(tokenizer: PreTrainedTokenizerBase, template: str) -> ChatTemplate:
+    """The template `data.template` names for this tokenizer (see the module docstring)."""
+    own = getattr(tokenizer, "chat_template", None)
+    if tokenizer.eos_token is None:
+        raise UserError("the tokenizer has no EOS token, so assistant turns cannot end with one; use a tokenizer with an eos_token")
+    if template == "auto" and not own:
+        logger.warning(
+            "the tokenizer has no chat template (a base model?): rendering with the built-in 'simple' template "
+            "(### Instruction: / ### Response:); set data.template to choose %s", CHOICES_TEXT,
+        )
+        template = "simple"
+    if template in ("auto", "chat_template"):
+        if not own:
+            raise UserError(f"data.template is 'chat_template' but the tokenizer has no chat template; set data.template to {CHOICES_TEXT}")
+        return ChatTemplate("chat_template", None, False, _hash("chat_template", json.dumps(own, sort_keys=True)))
+    if template in BUILT_IN:
+        return ChatTemplate(template, None, True, _hash(template, "builtin-1"))
+    entry = catalogue_entry(template)
+    if entry is not None:
+        missing = [m for m in entry.markers if m not in tokenizer.get_vocab()]
+        if missing:
+            logger.warning(
+                "data.template=%s writes %s, which the tokenizer does not have as tokens: they will be split into "
+                "ordinary pieces; a model learns them, but its family's own tokenizer and template fit better",
+                template, ", ".join(missing),
+            )
+        return ChatTemplate(entry.name, entry.source, False, _hash(entry.name, entry.source))
+    return _template_file(tokenizer, template)
+
+
+def _template_file(tokenizer: PreTrainedTokenizerBase, path: str) -> ChatTemplate:
+    try:
+        source = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"data.template: cannot read the Jinja template {path}: {exc}") from None
+    try:
+        apply_template(tokenizer, source, [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], generation_prompt=False)
+    except Exception as exc:  # a Jinja syntax error, or a template that refuses the simplest conversation
+        raise UserError(f"data.template: {path} does not render a user/assistant conversation: {exc}") from None
+    return ChatTemplate(path, source, False, _hash(path, source))
+
+
+def _hash(name: str, text: str) -> str:
+    return hashlib.sha256(f"{name}\0{text}".encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------
 # Rendering
 
 
-@dataclass(frozen=True)
-class Rendered:
-    text: str
-    loss_spans: tuple[tuple[int, int], ...]  # [start, end) character spans that carry loss
+def render(
+    messages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, tools: Sequence[Tool] | None = None
+) -> Rendered:
+    """A full conversation with its loss spans (`loss` missing on a message: true for assistant turns)."""
+    messages = [dict(m) for m in messages]
+    if not template.builtin:
+        return render_jinja(messages, tools, tokenizer, template.source)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise RowError(f"data.template={template.name} cannot express tools or tool calls; use a template that renders "
+                       "them (the model's own if it does, or data.template=qwen2.5 / mistral), or remove the tool rows")
+    return _render_simple(messages, tokenizer) if template.name == "simple" else _render_chatml(messages, tokenizer)
 
 
-def resolve_template(tokenizer: PreTrainedTokenizerBase, template: str) -> str:
-    """`auto` -> `chat_template` when the tokenizer has one, else `simple`; checks what the others need."""
-    has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-    if template == "auto":
-        template = "chat_template" if has_chat_template else "simple"
-    if template == "chat_template" and not has_chat_template:
-        raise ValueError(
-            "data.template is 'chat_template' but the tokenizer has no chat template; "
-            "set data.template=simple or data.template=chatml (or auto)"
-        )
-    if tokenizer.eos_token is None:
-        raise ValueError(
-            "the tokenizer has no EOS token, so assistant turns cannot end with one; use a tokenizer with an eos_token"
-        )
-    return template
-
-
-def render(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, template: str) -> Rendered:
-    """Render a full conversation (template already resolved) with its loss spans."""
-    if template == "simple":
-        return _render_simple(messages, tokenizer)
-    if template == "chatml":
-        return _render_chatml(messages, tokenizer)
-    if template == "chat_template":
-        return _render_chat_template(messages, tokenizer)
-    raise ValueError(f"unknown template {template!r}")
-
-
-def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase, template: str) -> str:
+def render_prompt(messages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
     """The text a model continues to answer the last user turn (the generation prompt), for evaluation."""
-    template = resolve_template(tokenizer, template)
-    if template == "chat_template":
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    if not template.builtin:
+        return apply_template(tokenizer, template.source, [dict(m) for m in messages], generation_prompt=True)
     # The built-in templates: the conversation with an empty assistant turn, cut where its loss starts.
     rendered = render(list(messages) + [{"role": "assistant", "content": ""}], tokenizer, template)
     return rendered.text[: rendered.loss_spans[-1][0]]
+
+
+def _loss(message: Mapping) -> bool:
+    return message["role"] == "assistant" and bool(message.get("loss", True))
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -87,7 +138,7 @@ def _bos(tokenizer: PreTrainedTokenizerBase) -> str:
 _SIMPLE_HEADERS = {"system": "### System:\n", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 
 
-def _render_simple(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Rendered:
+def _render_simple(messages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBase) -> Rendered:
     """`### Instruction:` / `### Response:` blocks (Alpaca style, multi-turn); each response ends with EOS."""
     parts = [_bos(tokenizer)]
     spans = []
@@ -98,14 +149,14 @@ def _render_simple(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedT
         parts.append(head)
         length += len(head)
         body = message["content"] + (tokenizer.eos_token if message["role"] == "assistant" else "")
-        if message["role"] == "assistant":
+        if _loss(message):
             spans.append((length, length + len(body)))
         parts.append(body)
         length += len(body)
     return Rendered("".join(parts), tuple(spans))
 
 
-def _render_chatml(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Rendered:
+def _render_chatml(messages: Sequence[Mapping], tokenizer: PreTrainedTokenizerBase) -> Rendered:
     end = "<|im_end|>"
     eos = "" if tokenizer.eos_token == end else tokenizer.eos_token
     parts = [_bos(tokenizer)]
@@ -114,62 +165,12 @@ def _render_chatml(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedT
     for message in messages:
         head = f"<|im_start|>{message['role']}\n"
         body = message["content"] + end + (eos if message["role"] == "assistant" else "")
-        if message["role"] == "assistant":
+        if _loss(message):
             spans.append((length + len(head), length + len(head) + len(body)))
         piece = head + body + "\n"
         parts.append(piece)
         length += len(piece)
     return Rendered("".join(parts), tuple(spans))
-
-
-def _render_chat_template(messages: Sequence[Mapping[str, str]], tokenizer: PreTrainedTokenizerBase) -> Rendered:
-    messages = [dict(m) for m in messages]
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    insert_eos_at = []
-    for number, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:number], tokenize=False, add_generation_prompt=True) if number else ""
-        through = tokenizer.apply_chat_template(messages[: number + 1], tokenize=False)
-        if not (through.startswith(before) and full.startswith(through)):
-            raise RowError(
-                "the tokenizer's chat template renders this conversation differently from its prefixes, so the "
-                "assistant turns cannot be located; set data.template=chatml or data.template=simple"
-            )
-        turn = full[len(before) : len(through)]
-        offset = len(before)
-        content = message["content"]
-        found = content
-        at = turn.find(content) if content else -1
-        if at < 0 and content.strip():  # templates that trim the content
-            found = content.strip()
-            at = turn.find(found)
-        if at < 0:  # empty or rewritten content: the whole turn carries loss
-            start, end = offset, offset + len(turn.rstrip())
-        else:
-            start = offset + at
-            content_end = start + len(found)
-            end = offset + len(turn.rstrip())
-            if end <= content_end:  # nothing after the content: the turn needs an EOS
-                insert_eos_at.append(content_end)
-                end = content_end
-        spans.append((start, end))
-    if not insert_eos_at:
-        return Rendered(full, tuple(spans))
-    # Insert EOS after contents the template leaves without an end marker, shifting later spans.
-    eos = tokenizer.eos_token
-    text_parts, shifted, cursor, shift = [], [], 0, 0
-    for (start, end) in spans:
-        if end in insert_eos_at:
-            text_parts.append(full[cursor:end] + eos)
-            shifted.append((start + shift, end + shift + len(eos)))
-            cursor = end
-            shift += len(eos)
-        else:
-            shifted.append((start + shift, end + shift))
-    text_parts.append(full[cursor:])
-    return Rendered("".join(text_parts), tuple(shifted))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def labels_from_offsets(input_ids: Sequence[int], offsets: Sequence[Sequence[int
 
     Overlap (not "starts inside") so that no assistant character is ever left without loss: when the
     content starts with whitespace, byte-level BPE can merge the template's newline with it into one
-    token (e.g. "\n   " + "return"); that token then carries loss, template newline included.
+    token (e.g. "\\n   " + "return"); that token then carries loss, template newline included.
     """
     ids = np.asarray(input_ids, dtype=np.int64)
     labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
@@ -228,23 +229,32 @@ def tokenize_rendered(rendered: Sequence[Rendered], tokenizer: PreTrainedTokeniz
     return all_ids, all_labels
 
 
-def tokenize_batch(batch: Mapping[str, list], tokenizer: PreTrainedTokenizerBase, template: str) -> dict[str, list]:
-    """`datasets.Dataset.map(batched=True)` function: messages -> input_ids, labels, error ("" when fine).
+def render_conversation_json(text: str, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> Rendered:
+    """Render a conversation stored as JSON text (data.records.Record.conversation_json)."""
+    conversation = json.loads(text)
+    return render(conversation["messages"], tokenizer, template, conversation.get("tools"))
+
+
+def tokenize_batch(batch: Mapping[str, list], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> dict[str, list]:
+    """`datasets.Dataset.map(batched=True)` function: conversation JSON -> input_ids, labels, error, note.
 
     Errors come back as data, not exceptions, so the main process can name file:line and apply
     `data.on_bad_row` (an exception inside a worker process would lose the row's location).
     """
     rendered: list[Rendered] = []
     errors: list[str] = []
-    for messages in batch["messages"]:
+    for text in batch["conversation"]:
         try:
-            rendered.append(render(messages, tokenizer, template))
+            rendered.append(render_conversation_json(text, tokenizer, template))
             errors.append("")
         except RowError as exc:
             rendered.append(Rendered("", ()))
             errors.append(str(exc))
-        except Exception as exc:  # a chat template that raises (e.g. jinja2 TemplateError on an unsupported role)
-            rendered.append(Rendered("", ()))
-            errors.append(f"the tokenizer's chat template rejected this conversation: {exc}")
     ids, labels = tokenize_rendered(rendered, tokenizer)
-    return {"input_ids": ids, "labels": labels, "error": errors}
+    return {"input_ids": ids, "labels": labels, "error": errors, "note": [",".join(r.notes) for r in rendered]}
+
+
+def tokenize_messages(messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> tuple[list[int], np.ndarray]:
+    """(input_ids, labels) of one conversation without tools (tests and one-off callers)."""
+    ids, labels = tokenize_rendered([render(messages, tokenizer, template)], tokenizer)
+    return ids[0], np.asarray(labels[0])

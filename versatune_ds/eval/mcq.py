@@ -41,6 +41,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from versatune_ds import dist
+from versatune_ds.data.encoding import decode_utf8
 from versatune_ds.data.packing import IGNORE_INDEX, Row, collate_rows
 from versatune_ds.errors import UserError
 from versatune_ds.eval.heldout import ForwardFn, batch_loss_sums, lockstep_batches, lockstep_num_batches
@@ -106,12 +107,15 @@ def load_mcq_file(path: str | Path, domain_id: int, *, max_items: int | None = N
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--mcq: file not found: {path}")
+    # Decoded whole, so a file in another encoding (Latin-1, UTF-16) is one clear error, not a traceback.
+    text, reason = decode_utf8(path.read_bytes(), str(path))
+    if text is None:
+        raise UserError(f"--mcq: {reason}")
     rows: list[McqItem] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            rows.append(_parse_item(line, f"{path}:{line_no}", domain_id, len(rows)))
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        rows.append(_parse_item(line, f"{path}:{line_no}", domain_id, len(rows)))
     if not rows:
         raise UserError(f"{path}: no multiple-choice items (expected JSON lines with question, choices, answer)")
     if max_items is not None and max_items < len(rows):
@@ -125,6 +129,8 @@ def _parse_item(line: str, where: str, domain_id: int, index: int) -> McqItem:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply; expected an object with question, choices, answer") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with question, choices, answer")
     question, choices, answer = obj.get("question"), obj.get("choices"), obj.get("answer")

@@ -1,11 +1,14 @@
 """Cost benchmarks, side by side in one run, reported mostly as ratios (absolute CPU times are noisy here).
 
-1. Dynamic-weighting overhead: `versatune-ds train` (run_training, one process, ZeRO-3, tiny model on
-   ../shared/data sft/) with mixture.strategy=versatune (eval + γ/φ update every eval.every steps, the
-   config default cadence) vs versatune_static (evaluated only at the start and the end, as a static run
-   needs), same steps, same data order. Wall time of the whole run, plus eval and update time measured by
-   wrapping `versatune_ds.train.evaluate` (which calls evaluate.evaluate_domain_losses) and
-   `MixturePolicy.after_eval` (the γ/φ update + broadcast) with timers inside the worker process.
+1. Dynamic-weighting overhead, side by side in one run: `versatune-ds train` (run_training, ZeRO-3,
+   mixture.strategy=versatune, eval.every at its default 200, every other eval.* key at its default, so the
+   held-out budget is the automatic one) with timers wrapped around `versatune_ds.train.evaluate` (the
+   per-domain held-out evaluation) and `MixturePolicy.after_eval` (the γ/φ update + broadcast) inside the
+   worker, and each training step's time from metrics.jsonl. Overhead at the default cadence =
+   (one evaluation + one update) / (200 × the median step). Models: the tiny Llama on ../shared/data sft/
+   (one process, micro-batch 4 × 256 packed tokens; 400 steps: evaluations at 0, 200, 400) and
+   SmolLM2-135M-Instruct with configs/shared_data_smollm2.yaml (2 ranks, its batch, data.truncation=truncate;
+   eval.every=200 and a short run: the evaluations at the start and at the end, both with the default budget).
 2. Probe generation throughput (probe_generation.generate_all, replica per rank): generations/s and new
    tokens/s at batch 1 (what the released VersaTune code does) vs the default probe.batch_size, with
    1 process and 2 ranks (torchrun), tiny model; SmolLM2-135M at 1 rank if runs/smollm2 exists.
@@ -15,7 +18,8 @@
 4. Our ZeRO-3 loop vs the HF Trainer: bench/train_throughput.py; its results file is read
    (bench/results/train_throughput.json), or the script is re-run with --rerun-train-throughput.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/cost.py [--steps 400] [--repeats 2] [--smollm2-run-dir DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cost.py [--steps 400] [--smollm2-steps 12] [--smollm2-run-dir DIR]
+    smoke test: ... bench/cost.py --steps 8 --eval-every 4 --skip probe flops --models tiny
 
 Writes bench/results/cost.{json,md}. Work files under bench/out/cost (git-ignored).
 """
@@ -50,6 +54,23 @@ def shared_data_overrides() -> list[str]:
     return out
 
 
+def smollm2_config(work: Path, model_dir: Path) -> Path:
+    """configs/shared_data_smollm2.yaml with absolute paths: the model, and the data at DATA (VERSATUNE_SHARED_DATA)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
+    config["model"]["path"] = str(model_dir)
+    config["data"]["truncation"] = "truncate"  # the shared data has examples longer than its seq_len 512
+    for domain in config["data"]["domains"]:
+        for key in ("train", "raw"):
+            if key in domain:
+                domain[key] = str(DATA / Path(domain[key]).relative_to("../../shared/data"))
+    path = work / "smollm2.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def base_config(work: Path) -> Path:
     """A run config for the tiny model on the shared SFT data; everything not named here is a config default."""
     import yaml
@@ -75,7 +96,7 @@ def base_config(work: Path) -> Path:
 
 
 def worker_overhead(config: str, overrides: list[str], out_file: str) -> None:
-    """run_training with timers around the per-domain evaluation and the policy update."""
+    """run_training with timers around the per-domain evaluation and the policy update (rank 0 writes them)."""
     from versatune_ds import train
     from versatune_ds.config.loading import load_config
     from versatune_ds.mixture import policy as weighting
@@ -86,7 +107,10 @@ def worker_overhead(config: str, overrides: list[str], out_file: str) -> None:
     def timed_evaluate(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return evaluate(*args, **kwargs)
+            result = evaluate(*args, **kwargs)
+            timers["eval_examples_per_domain"] = [len(items.ids) for items in result.items]
+            timers["eval_loss_tokens"] = float(result.tokens.sum())
+            return result
         finally:
             timers["eval_s"] += time.perf_counter() - start
             timers["eval_calls"] += 1
@@ -105,9 +129,15 @@ def worker_overhead(config: str, overrides: list[str], out_file: str) -> None:
     start = time.perf_counter()
     train.run_training(cfg, resume="none")
     timers["run_s"] = time.perf_counter() - start
-    rates = [json.loads(line).get("train/tokens_per_s") for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    rates = [r for r in rates if r is not None]
-    timers["tokens_per_s_median"] = statistics.median(rates[len(rates) // 10:])  # first 10 % = warm-up
+    if os.environ.get("RANK", "0") != "0":
+        return
+    records = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("train/tokens_per_s")]
+    tokens = [sum(v for k, v in r.items() if k.startswith("train/domain_tokens/")) for r in steps]
+    seconds = [n / r["train/tokens_per_s"] for n, r in zip(tokens, steps)]
+    warm = max(1, len(seconds) // 10)  # the first steps (about 10 %, at least one) warm up
+    timers.update(steps=len(seconds), train_s=sum(seconds), step_s_median=statistics.median(seconds[warm:] or seconds),
+                  tokens_per_step=statistics.median(tokens), tokens_per_s_median=statistics.median(r["train/tokens_per_s"] for r in steps[warm:] or steps))
     Path(out_file).write_text(json.dumps(timers))
 
 
@@ -199,41 +229,49 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def bench_overhead(config: Path, work: Path, args: argparse.Namespace, distribution: Path) -> dict:
-    runs: dict[str, list[dict]] = {"versatune_static": [], "versatune": []}
+def bench_overhead(config: Path, work: Path, args: argparse.Namespace, distribution: Path, smollm2: Path | None) -> dict:
+    """One dynamic run per model at the default cadence; eval + update time vs training time, from the same run."""
+    from versatune_ds.config.schema import EvalConfig
+    from versatune_ds.eval.heldout import AUTO_EVAL_SHARE
+
+    default_every = EvalConfig().every
+    cases = []
+    if "tiny" in args.models:
+        cases.append(("tiny", config, 1, [f"train.max_steps={args.steps}", f"eval.every={args.eval_every}"]))
+    if "smollm2" in args.models and smollm2 is not None:
+        batch = [] if args.smollm2_micro_batch is None else [  # the same global batch of 16 rows, less memory
+            f"train.micro_batch_size={args.smollm2_micro_batch}", f"train.gradient_accumulation_steps={8 // args.smollm2_micro_batch}"]
+        cases.append(("smollm2", smollm2_config(work, smollm2), 2,
+                      [f"train.max_steps={args.smollm2_steps}", f"eval.every={default_every}", *batch,
+                       "checkpoint.every=100000", "export.at_end=false"]))
     # Untimed warm-up: the first run tokenizes the data for the tiny tokenizer (cached afterwards).
     warm = work / "overhead" / "warmup"
     shutil.rmtree(warm, ignore_errors=True)
     run_worker("overhead", config, [f"train.run_dir={warm}", "mixture.strategy=uniform", "train.max_steps=2", "eval.at_start=false"],
                work / "overhead_warmup.json", log=work / "logs" / "overhead_warmup.log")
-    for repeat in range(args.repeats):
-        order = ("versatune_static", "versatune") if repeat % 2 == 0 else ("versatune", "versatune_static")
-        for strategy in order:
-            run_dir = work / "overhead" / f"{strategy}_{repeat}"
-            shutil.rmtree(run_dir, ignore_errors=True)
-            every = args.steps if strategy == "versatune_static" else args.eval_every
-            overrides = [f"train.run_dir={run_dir}", f"mixture.strategy={strategy}", f"train.max_steps={args.steps}",
-                         f"eval.every={every}", f"mixture.distribution={distribution}"]
-            result = run_worker("overhead", config, overrides, work / f"overhead_{strategy}_{repeat}.json", log=work / "logs" / f"overhead_{strategy}_{repeat}.log")
-            result["load_avg"] = load_avg()
-            runs[strategy].append(result)
-            logger.info("overhead %s #%d: %.1f s (eval %.1f s in %d calls, update %.3f s)", strategy, repeat, result["run_s"],
-                        result["eval_s"], result["eval_calls"], result["update_s"])
-    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("run_s", "eval_s", "update_s", "tokens_per_s_median")} for s, rs in runs.items()}
-    static, dynamic = med["versatune_static"], med["versatune"]
-    # Projection to other cadences from the measured parts: one eval + one update per `every` steps.
-    eval_per_call = dynamic["eval_s"] / runs["versatune"][0]["eval_calls"]
-    update_per_call = dynamic["update_s"] / max(1, runs["versatune"][0]["update_calls"])
-    step_s = 1024 / static["tokens_per_s_median"]  # micro-batch 4 x 256 packed tokens per step (nearly full rows)
-    projected = {every: (eval_per_call + update_per_call) / (every * step_s) * 100 for every in (50, 100, 200, 500)}
-    return {
-        "eval_s_per_call": eval_per_call, "update_s_per_call": update_per_call, "step_s_estimate": step_s,
-        "projected_overhead_pct_by_eval_every": projected,
-        "runs": runs, "median": med, "steps": args.steps, "eval_every": args.eval_every,
-        "wall_overhead_pct": (dynamic["run_s"] - static["run_s"]) / static["run_s"] * 100,
-        "extra_eval_s": dynamic["eval_s"] - static["eval_s"], "update_s": dynamic["update_s"],
-        "timed_overhead_pct": (dynamic["eval_s"] - static["eval_s"] + dynamic["update_s"] - static["update_s"]) / static["run_s"] * 100,
-    }
+    out: dict = {"default_eval_every": default_every, "auto_eval_share": AUTO_EVAL_SHARE, "models": {}}
+    for name, model_config, ranks, extra in cases:
+        run_dir = work / "overhead" / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        overrides = [f"train.run_dir={run_dir}", "mixture.strategy=versatune", f"mixture.distribution={distribution}", *extra]
+        result = run_worker("overhead", model_config, overrides, work / f"overhead_{name}.json", ranks=ranks,
+                            log=work / "logs" / f"overhead_{name}.log")
+        eval_per_call = result["eval_s"] / max(1, result["eval_calls"])
+        update_per_call = result["update_s"] / max(1, result["update_calls"])
+        step = result["step_s_median"]
+        result.update(
+            ranks=ranks, overrides=extra, load_avg=load_avg(), eval_s_per_call=eval_per_call, update_s_per_call=update_per_call,
+            eval_in_steps=eval_per_call / step,
+            overhead_pct_at_default=(eval_per_call + update_per_call) / (default_every * step) * 100,
+            in_run_pct=(result["eval_s"] + result["update_s"]) / result["train_s"] * 100,
+            projected_overhead_pct_by_eval_every={every: (eval_per_call + update_per_call) / (every * step) * 100
+                                                  for every in (50, 100, 200, 500)},
+        )
+        out["models"][name] = result
+        logger.info("overhead %s: eval %.2f s/call (%.1f steps), update %.1f ms, step %.3f s -> %.2f %% at every %d",
+                    name, eval_per_call, result["eval_in_steps"], update_per_call * 1000, step,
+                    result["overhead_pct_at_default"], default_every)
+    return out
 
 
 def bench_probe(config: Path, work: Path, args: argparse.Namespace, smollm2: Path | None) -> list[dict]:
@@ -265,9 +303,12 @@ def smollm2_tokens_per_s(run_dir: Path) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--eval-every", type=int, default=200, help="the dynamic run's eval.every (config default: 200)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=400, help="tiny model: training steps of the overhead run")
+    parser.add_argument("--eval-every", type=int, default=200, help="tiny model: the run's eval.every (config default: 200)")
+    parser.add_argument("--smollm2-steps", type=int, default=12, help="SmolLM2: steps of the overhead run (2 ranks, ~10 s each here)")
+    parser.add_argument("--models", nargs="+", default=["tiny", "smollm2"], choices=["tiny", "smollm2"])
+    parser.add_argument("--smollm2-micro-batch", type=int, default=None, choices=[1, 2, 4, 8],
+                        help="SmolLM2 micro-batch (accumulation keeps the global 16 rows); default: the config's 4, ~10 GB per rank")
     parser.add_argument("--probe-samples", type=int, default=64)
     parser.add_argument("--probe-new-tokens", type=int, default=32)
     parser.add_argument("--probe-batch", type=int, default=32, help="the default probe.batch_size")
@@ -276,6 +317,8 @@ def main() -> int:
     parser.add_argument("--distribution", default=None, help="a distribution.json for the versatune runs (default: uniform)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "probe", "flops"])
     parser.add_argument("--rerun-train-throughput", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where cost.{json,md} go (a smoke test: elsewhere)")
+    parser.add_argument("--work", type=Path, default=OUT)
     parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.worker:
@@ -285,7 +328,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
-    work = OUT
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     config = base_config(work)
     distribution = Path(args.distribution) if args.distribution else work / "uniform_distribution.json"
@@ -295,7 +338,7 @@ def main() -> int:
     results: dict = {"load_avg_start": load_avg(), "nproc": os.cpu_count(), "torch_threads_per_process": 1}
     results["matmul_fp32_flops"] = {"1_thread": matmul_flops(1), "2_threads": matmul_flops(2)}
     if "overhead" not in args.skip:
-        results["overhead"] = bench_overhead(config, work, args, distribution)
+        results["overhead"] = bench_overhead(config, work, args, distribution, smollm2)
     results["matmul_fp32_flops_mid"] = {"1_thread": matmul_flops(1)}
     if "probe" not in args.skip:
         results["probe"] = bench_probe(config, work, args, smollm2)
@@ -308,8 +351,8 @@ def main() -> int:
     results["train_throughput"] = json.loads(throughput.read_text()) if throughput.is_file() else None
     results["load_avg_end"] = load_avg()
     results["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    write_results("cost", results, markdown(results, args))
-    print((RESULTS / "cost.md").read_text())
+    write_results("cost", results, markdown(results, args), folder=args.out)
+    print((args.out / "cost.md").read_text())
     return 0
 
 
@@ -320,9 +363,9 @@ def flops(results: dict, args: argparse.Namespace, smollm2: Path | None) -> list
     results["matmul_reference_flops"] = matmul
     rows = []
     cases = []
-    if "overhead" in results:
-        cases.append(("tiny (versatune_static runs, 1 process, 1 thread)", REPO / "runs" / "tiny-model",
-                      results["overhead"]["median"]["versatune_static"]["tokens_per_s_median"]))
+    if "tiny" in results.get("overhead", {}).get("models", {}):
+        cases.append(("tiny (the overhead run, 1 process, 1 thread)", REPO / "runs" / "tiny-model",
+                      results["overhead"]["models"]["tiny"]["tokens_per_s_median"]))
     if smollm2 is not None and args.smollm2_run_dir:
         rate = smollm2_tokens_per_s(Path(args.smollm2_run_dir))
         if rate is not None:
@@ -341,7 +384,10 @@ def flops(results: dict, args: argparse.Namespace, smollm2: Path | None) -> list
 def markdown(r: dict, args: argparse.Namespace) -> str:
     mm = r["matmul_fp32_flops"]
     lines = ["# Cost benchmarks (bench/cost.py)", "",
-             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/cost.py --steps {args.steps} --eval-every {args.eval_every} --repeats {args.repeats}"
+             f"Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/cost.py --steps {args.steps} --eval-every {args.eval_every} "
+             f"--smollm2-steps {args.smollm2_steps} --models {' '.join(args.models)}"
+             + (f" --smollm2-micro-batch {args.smollm2_micro_batch}" if args.smollm2_micro_batch else "")
+             + (f" --skip {' '.join(args.skip)}" if args.skip else "")
              + (f" --smollm2-run-dir {args.smollm2_run_dir}" if args.smollm2_run_dir else "") + "`", "",
              f"{r['nproc']} CPU cores shared with other jobs; load average at start {r['load_avg_start']}, at end {r['load_avg_end']} "
              "(a loaded machine: compare ratios, not absolute times). One torch thread per process. "
@@ -349,25 +395,28 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
              f"(1 thread after the overhead runs: {r['matmul_fp32_flops_mid']['1_thread'] / 1e9:.1f}; at the end: {r['matmul_fp32_flops_end']['1_thread'] / 1e9:.1f}).", ""]
     if "overhead" in r:
         o = r["overhead"]
-        s, d = o["median"]["versatune_static"], o["median"]["versatune"]
-        lines += ["## Overhead of dynamic re-weighting", "",
-                  f"Tiny Llama (runs/tiny-model) on ../shared/data sft/ (seq_len 256 packed, micro-batch 4, one process, ZeRO-3), {o['steps']} steps; "
-                  f"versatune evaluates and updates every {o['eval_every']} steps (config default eval.every = 200), versatune_static only at the start and the end; "
-                  "held-out sets: config defaults (5 % of each domain's SFT rows, at most 256). "
-                  "Eval / update times: timers wrapped around train.evaluate (→ evaluate_domain_losses) and MixturePolicy.after_eval "
-                  f"inside the worker. Median of {args.repeats} interleaved repeats.", "",
-                  "| strategy | run wall s | eval s (calls) | update s | train tokens/s |", "|---|---:|---:|---:|---:|"]
-        for name, med in (("versatune_static", s), ("versatune", d)):
-            calls = o["runs"][name][0]["eval_calls"]
-            lines.append(f"| {name} | {med['run_s']:.1f} | {med['eval_s']:.2f} ({calls}) | {med['update_s']:.4f} | {med['tokens_per_s_median']:.0f} |")
-        lines += ["", f"Wall overhead (versatune − static) / static = **{o['wall_overhead_pct']:+.1f} %** (target ≤ 5 %); "
-                  f"timed part: extra eval {o['extra_eval_s']:.2f} s + update {o['update_s']:.4f} s = {o['timed_overhead_pct']:.1f} % of the static run's wall "
-                  "(which also holds start-up, data loading and the final checkpoint, so this understates the steady-state share). "
-                  "Per-run walls (s, with the 1-min load average after the run): " + "; ".join(
-                      f"{k} " + ", ".join(f"{x['run_s']:.1f} (load {x['load_avg'][0]})" for x in v) for k, v in o["runs"].items()) + ".", "",
-                  f"Parts: one evaluation {o['eval_s_per_call']:.2f} s ({o['eval_s_per_call'] / o['step_s_estimate']:.0f} training steps' worth), one update "
-                  f"{o['update_s_per_call'] * 1000:.1f} ms, one step ≈ {o['step_s_estimate']:.3f} s (1024 tokens / median tokens/s). Projected overhead "
-                  "in steady state, (eval + update) / (eval.every × step): " + ", ".join(f"every {k}: {v:.1f} %" for k, v in o["projected_overhead_pct_by_eval_every"].items()) + ".", ""]
+        every = o["default_eval_every"]
+        lines += ["## Overhead of dynamic re-weighting (eval + update vs training, one run per model)", "",
+                  f"mixture.strategy=versatune, eval.every={every} (the default), eval.max_tokens_per_domain unset: each domain's held-out "
+                  f"examples are a fixed subset within the automatic token budget (~{o['auto_eval_share']:.0%} of the training time between "
+                  "evaluations, at least 8 examples; eval/heldout.py). Timers around train.evaluate and MixturePolicy.after_eval inside "
+                  "the run; step time = median over the run's steps (first 10 % left out) from metrics.jsonl. Overhead at the default "
+                  f"cadence = (one evaluation + one update) / ({every} × step). tiny: runs/tiny-model on ../shared/data sft/ (seq_len 256 "
+                  "packed, micro-batch 4, one process, ZeRO-3). smollm2: configs/shared_data_smollm2.yaml (2 ranks, micro-batch 4 × "
+                  "accumulation 2 × seq_len 512 packed, ZeRO-3), a short run evaluated at its start and end.", "",
+                  "| model | ranks | steps | step s | evaluations | held-out examples per domain | eval s / call (steps' worth) | "
+                  f"update ms / call | **overhead at every {every}** | eval + update / training in this run |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for name, m in o["models"].items():
+            lines.append(f"| {name} | {m['ranks']} | {m['steps']} | {m['step_s_median']:.3f} | {m['eval_calls']} | "
+                         f"{'/'.join(map(str, m.get('eval_examples_per_domain', [])))} | {m['eval_s_per_call']:.2f} ({m['eval_in_steps']:.1f}) | "
+                         f"{m['update_s_per_call'] * 1000:.1f} | **{m['overhead_pct_at_default']:.2f} %** | {m['in_run_pct']:.1f} % |")
+        lines += ["", "Projected at other cadences, (eval + update) / (eval.every × step), with the budget fixed at the one measured: " + "; ".join(
+            f"{name}: " + ", ".join(f"every {k}: {v:.1f} %" for k, v in m["projected_overhead_pct_by_eval_every"].items())
+            for name, m in o["models"].items()) + ". (With eval.max_tokens_per_domain unset the budget scales with eval.every, so "
+            "the share stays near the target at any cadence.) Overrides per run: " + "; ".join(
+            f"{name}: `{' '.join(m['overrides'])}`" for name, m in o["models"].items()) + ". Load average after each run: " + "; ".join(
+            f"{name} {m['load_avg']}" for name, m in o["models"].items()) + ".", ""]
     if "probe" in r:
         lines += ["## Probe generation throughput (replica per rank, generate_all)", "",
                   "| model | ranks | batch | generations | new tokens | seconds | generations/s | tokens/s | load avg after |",

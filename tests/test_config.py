@@ -121,7 +121,7 @@ def test_unknown_key_suggests_the_close_one(data_dir: Path) -> None:
 
 def test_unknown_key_without_a_close_one_lists_the_known_keys(data_dir: Path) -> None:
     (problem,) = problems_of(data_dir, "eval.zzzzzz=1")
-    assert problem == "eval.zzzzzz: unknown key; known keys: every, micro_batch_size, at_start"
+    assert problem == "eval.zzzzzz: unknown key; known keys: every, micro_batch_size, at_start, max_tokens_per_domain"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,17 @@ import pytest
 from versatune_ds.data.packing import IGNORE_INDEX, Example
 from versatune_ds.dist import DistEnv
 from versatune_ds.engine.losses import row_loss_sums
-from versatune_ds.eval.heldout import DomainLosses, evaluate_domain_losses, hf_forward, lockstep_num_batches, rank_rows
+from versatune_ds.eval.heldout import (
+    AUTO_MIN_EXAMPLES,
+    DomainLosses,
+    auto_tokens_per_domain,
+    budget_subset,
+    evaluate_domain_losses,
+    hf_forward,
+    lockstep_num_batches,
+    rank_rows,
+    ratio_se,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -97,6 +107,7 @@ def test_batch_size_and_simulated_ranks_change_nothing(tiny):
     np.testing.assert_allclose(batched.loss, reference.loss, atol=1e-5)
     world = 3
     sums, tokens, calls = np.zeros(3), np.zeros(3), []
+    per_item = [np.zeros(len(examples)) for examples in heldout]
     for rank in range(world):
         counter = []
 
@@ -108,10 +119,44 @@ def test_batch_size_and_simulated_ranks_change_nothing(tiny):
         sums += part.loss_sum
         tokens += part.tokens
         calls.append(len(counter))
+        per_item = [a + b.sums for a, b in zip(per_item, part.items)]
     assert len(set(calls)) == 1, f"ranks ran different numbers of forward passes: {calls}"
     assert calls[0] == math.ceil(max(len(rank_rows(heldout, env_of(r, world))[0]) for r in range(world)) / 2)
     np.testing.assert_array_equal(tokens, reference.tokens)
     np.testing.assert_allclose(sums / tokens, reference.loss, atol=1e-5)
+    # every example is scored on exactly one rank: the ranks' per-example sums add up to one rank's
+    for summed, alone in zip(per_item, reference.items):
+        np.testing.assert_allclose(summed, alone.sums, atol=1e-4)
+
+
+def test_each_example_is_kept_with_its_loss_and_the_standard_error(tiny):
+    model, tokenizer = tiny
+    heldout = make_heldout(tokenizer, [5, 1])
+    result = evaluate_domain_losses(hf_forward(model), heldout, micro_batch_size=3, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
+    items = result.items[0]
+    assert items.ids.tolist() == [e.index for e in heldout[0]]
+    for example, loss_sum, tokens in zip(heldout[0], items.sums, items.tokens):
+        assert tokens == example.num_loss_tokens
+        assert loss_sum / tokens == pytest.approx(hf_loss(model, example), abs=1e-5)
+    assert result.loss[0] == pytest.approx(items.sums.sum() / items.tokens.sum())
+    assert result.se[0] == pytest.approx(ratio_se(items.sums, items.tokens)) and result.se[0] > 0
+    assert math.isnan(result.se[1])  # one example: no error estimate
+
+
+def test_the_evaluation_subset_is_fixed_and_within_the_token_budget(tiny):
+    _, tokenizer = tiny
+    examples = make_heldout(tokenizer, [40])[0]
+    sizes = {e.index: e.num_tokens for e in examples}
+    subset = budget_subset(examples, 120, domain_id=0)
+    assert sum(sizes[e.index] for e in subset) <= 120 and len(subset) >= 2
+    assert [e.index for e in subset] == sorted(e.index for e in subset)  # in the held-out list's order
+    assert subset == budget_subset(examples, 120, domain_id=0)  # the same examples at every evaluation
+    assert [e.index for e in subset] != [e.index for e in budget_subset(examples, 120, domain_id=1)]  # seeded per domain
+    assert budget_subset(examples, None, domain_id=0) == examples
+    assert len(budget_subset(examples, 1, domain_id=0)) == 2  # always two examples, for a standard error
+    assert len(budget_subset(examples, 1, domain_id=0, min_examples=AUTO_MIN_EXAMPLES)) == AUTO_MIN_EXAMPLES
+    # The automatic budget: 2 % of the training time between evaluations, a forward pass ~1/3 of a training token.
+    assert auto_tokens_per_domain(200, 1024, 6) == int(0.02 * 200 * 1024 * 3 / 6)
 
 
 def test_dummy_rows_fill_short_ranks():

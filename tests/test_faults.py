@@ -524,27 +524,35 @@ def _policy(tmp_path: Path, *overrides: str, evaluate_model=None):  # type: igno
                                initial_distribution=[0.5, 0.5], evaluate_model=evaluate_model)
 
 
+def _losses(values: list[float]):
+    """An evaluation result holding only per-domain losses (no per-example ones)."""
+    from versatune_ds.eval.heldout import DomainLosses
+
+    loss = np.asarray(values, dtype=np.float64)
+    return DomainLosses(loss=loss, loss_sum=loss.copy(), tokens=np.ones_like(loss))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), 0.0, float("inf")])
 def test_reference_model_with_unusable_loss_is_refused_naming_the_domain(tmp_path: Path, bad: float) -> None:
     from versatune_ds.errors import UserError
 
     with pytest.raises(UserError, match=r"reference loss of domain 'code' is"):
-        _policy(tmp_path, f"mixture.reference_model={tmp_path}", evaluate_model=lambda _path: np.array([2.0, bad]))
+        _policy(tmp_path, f"mixture.reference_model={tmp_path}", evaluate_model=lambda _path: _losses([2.0, bad]))
 
 
 def test_nan_heldout_loss_never_makes_nan_weights(tmp_path: Path) -> None:
     from versatune_ds.errors import UserError
 
     policy = _policy(tmp_path, "mixture.reference_losses={law: 2.0, code: 2.0}")
-    policy.after_eval(0, np.array([3.0, 3.0]))
+    policy.after_eval(0, _losses([3.0, 3.0]))
     kept = policy.weights.copy()
-    assert policy.after_eval(4, np.array([2.5, float("nan")])) is None  # update skipped, a warning names the domain
+    assert policy.after_eval(4, _losses([2.5, float("nan")])) is None  # update skipped, a warning names the domain
     assert np.array_equal(policy.weights, kept) and np.all(np.isfinite(kept)) and abs(kept.sum() - 1) < 1e-12
-    assert policy.after_eval(8, np.array([2.5, 2.4])) is not None  # the next valid evaluation updates again
+    assert policy.after_eval(8, _losses([2.5, 2.4])) is not None  # the next valid evaluation updates again
     # With no reference at all, the first evaluation becomes the reference: a NaN there is refused by name.
     fallback = _policy(tmp_path)
     with pytest.raises(UserError, match=r"first held-out loss of domain 'code' is nan"):
-        fallback.after_eval(0, np.array([2.0, float("nan")]))
+        fallback.after_eval(0, _losses([2.0, float("nan")]))
 
 
 if __name__ == "__main__":

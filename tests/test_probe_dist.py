@@ -38,6 +38,7 @@ WORKER = textwrap.dedent(
     from versatune_ds.data.packing import Row
     from versatune_ds.engine.models import load_inference_model
     from versatune_ds.mixture.build import build_weight_policy
+    from versatune_ds.eval.heldout import DomainLosses
 
     mode, model_dir, out_dir, sample = sys.argv[1:5]
     env = dist.DistEnv.from_environ()
@@ -78,7 +79,8 @@ WORKER = textwrap.dedent(
                                  initial_distribution=np.full(6, 1 / 6))
     weights = []
     for step, losses in enumerate([[3.0, 2.0, 2.5, 1.0, 4.0, 2.2], [2.9, 2.4, 2.0, 1.1, 3.0, 2.6]]):
-        weights.append(policy.after_eval(step, np.array(losses)).tobytes().hex())
+        result = DomainLosses(loss=np.array(losses), loss_sum=np.array(losses), tokens=np.ones(6))
+        weights.append(policy.after_eval(step, result).tobytes().hex())
     all_weights = dist.all_gather_objects(weights)
     if env.is_main:
         Path(out_dir, "result.json").write_text(json.dumps({

@@ -82,20 +82,27 @@ def test_zero3_torchrun_trains_and_writes_the_run_dir(reference: tuple[Path, Pat
 
 def test_trace_follows_the_broadcast_weights_recorded_in_mixture_json(reference: tuple[Path, Path]) -> None:
     """The weights rank 0 recorded are the ones the sampler used: rebuild the sampler from them and replay the trace."""
+    from versatune_ds.config.loading import load_config
+    from versatune_ds.data.prepare import prepare_data
+    from versatune_ds.data.tokenizer import load_tokenizer
+    from versatune_ds.mixture.build import sampler_rows
     from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 
-    _, run_dir = reference
+    config, run_dir = reference
+    cfg = load_config(config)
+    unit, row_sizes = sampler_rows(prepare_data(cfg.data, load_tokenizer(cfg.model)), cfg.mixture.unit)  # cached data
+    assert unit == "tokens"
     updates = json.loads((run_dir / "mixture.json").read_text())["updates"]
     assert len(updates) >= 3  # the issue asks for at least three weight updates in an end-to-end run
     state = json.loads((run_dir / "checkpoints" / "step_00000016" / "versatune_state.json").read_text())["sampler"]
     schedule = MixtureSchedule.from_json(state["schedule"])
-    # Every stage after the first carries the item weights of one recorded update, in order.
-    recorded = [[u["item_weights"][d] for d in TEST_DOMAINS] for u in updates if u.get("item_weights")]
+    # Every stage after the first carries the new weights of one recorded update (token shares, as they are).
+    recorded = [[u["new_weights"][d] for d in TEST_DOMAINS] for u in updates if "skipped" not in u]
     staged = [list(stage.weights) for stage in schedule.stages[1:]]
     assert staged and all(any(np.allclose(w, r, rtol=0, atol=1e-12) for r in recorded) for w in staged)
     for rank in (0, 1):
         sampler = MixtureSampler(state["domain_sizes"], seed=state["seed"], block_size=state["block_size"],
-                                 global_batch_size=8, rank=rank, world_size=2, schedule=schedule)
+                                 global_batch_size=8, rank=rank, world_size=2, schedule=schedule, unit=unit, row_sizes=row_sizes)
         for step in read_trace(run_dir, rank):
             expected = sampler.next_batch().tolist()
             assert [row[:2] for row in step["rows"]] == expected, f"rank {rank} step {step['step']}"
@@ -188,18 +195,24 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(stage: int, engine
 
 
 def test_weight_broadcast_gives_identical_schedules_and_intended_proportions(engine_checks: Path) -> None:
-    from versatune_ds.mixture.composition import largest_remainder_counts
+    from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 
     records = [json.loads((engine_checks / f"broadcast_rank{r}.json").read_text()) for r in (0, 1)]
     assert records[0]["weights"] == records[1]["weights"]
     assert records[0]["schedule"] == records[1]["schedule"]
     assert [s["start_block"] for s in records[0]["schedule"]["stages"]] == [0, 1]
-    # Global order = rank 0's rows then rank 1's, batch by batch; block 1 (samples 32..63) uses the new weights.
-    rows = [row for batch in zip(records[0]["draws"], records[1]["draws"]) for part in batch for row in part]
-    for start in (32, 64):
-        counts = np.bincount(np.array(rows[start : start + 32])[:, 0], minlength=4)
-        expected = largest_remainder_counts(records[0]["weights"], 32)
-        assert np.abs(counts - expected).max() <= 1 and counts.sum() == 32
+    # Global order = rank 0's rows then rank 1's, batch by batch: the one order of the broadcast schedule.
+    rows = np.array([row for batch in zip(records[0]["draws"], records[1]["draws"]) for part in batch for row in part])
+    schedule = MixtureSchedule.from_json(records[0]["schedule"])
+    alone = MixtureSampler([50, 7, 300, 23], seed=3, block_size=32, global_batch_size=8, rank=0, world_size=1, schedule=schedule)
+    assert np.array_equal(alone.global_items(0, len(rows)), rows)
+    # From block 1 (sample 32) on, the counts follow the new weights: never a whole row ahead of the target
+    # (apportion.py, Lemma A), and behind by less than the number of domains (its last bound).
+    weights = np.array(records[0]["weights"])
+    for end in range(33, len(rows) + 1):
+        target = 32 * 0.25 + (end - 32) * weights
+        error = np.bincount(rows[:end, 0], minlength=4) - target
+        assert error.max() < 1 and error.min() > -3, (end, error)
 
 
 def test_eval_engine_under_zero3_scores_like_a_replica(engine_checks: Path) -> None:

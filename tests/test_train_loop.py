@@ -118,6 +118,10 @@ def test_evaluate_reweight_checkpoint_and_resume_in_one_process(loop_config) -> 
     assert np.abs(final - initial).max() > 0.01
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics if "eval/law/loss" in m] == [0, 4, 8, 12]
+    # Every held-out loss comes with its standard error, in metrics.jsonl and in mixture.json (0 at step 0 only:
+    # the untrained fake engine gives every token the same loss).
+    assert [m["eval/law/loss_se"] > 0 for m in metrics if "eval/law/loss" in m] == [False, True, True, True]
+    assert all(0 < u["loss_se"][d] < u["losses"][d] for u in mixture["updates"][1:] for d in TEST_DOMAINS)
     assert {f"mixture/{d}/weight" for d in TEST_DOMAINS} <= set(metrics[-1])
 
     # Checkpoints at 4, 8, 12; the state holds the sampler (with its schedule) and the policy, once each.
@@ -126,11 +130,13 @@ def test_evaluate_reweight_checkpoint_and_resume_in_one_process(loop_config) -> 
     state = json.loads((run_dir / "checkpoints" / "step_00000008" / "versatune_state.json").read_text())
     assert state["sampler"]["consumed_samples"] == 8 * 4 and "schedule" in state["sampler"] and "schedule" not in state
     assert state["policy"]["num_records"] == 3
-    # ... and the weights reached the sampler: its schedule switched to each update's item weights.
+    # ... and the weights reached the sampler: its schedule switched to each update's new weights, shares of
+    # tokens that the sampler apportions as they are (unit tokens), no conversion in between.
+    assert state["sampler"]["unit"] == "tokens"
     stages = state["sampler"]["schedule"]["stages"]
     assert len(stages) >= 2
     last_update = mixture["updates"][2]  # the one at step 8, the newest in this checkpoint
-    assert stages[-1]["weights"] == pytest.approx([last_update["item_weights"][d] for d in TEST_DOMAINS])
+    assert stages[-1]["weights"] == [last_update["new_weights"][d] for d in TEST_DOMAINS]
 
     # A crash after step 9, then --resume auto from step 8: the same rows, losses and weights as without it.
     crashed = loop_config("crashed")

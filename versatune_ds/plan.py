@@ -7,10 +7,11 @@ gradient_accumulation_steps × world size rows, so the budget is max_steps × th
 
 Weights are shares in `mixture.unit` (tokens or examples), as in training: `--weights law=0.3,...`, else
 the config's strategy through `mixture.build.initial_share_weights` (the versatune strategies read the probed
-distribution from `mixture.distribution` or `<run_dir>/probe/distribution.json`). The sampler draws
-rows, so the shares are turned into row probabilities q_d ∝ w_d / (units per row of domain d) exactly
-as the training policy does (mixture.policy). The numbers are expectations for the initial
-weights; the versatune strategy changes the weights during training.
+distribution from `mixture.distribution` or `<run_dir>/probe/distribution.json`). The sampler apportions
+those shares of tokens (examples) exactly, counting each row's size (mixture.sampler), so over a run it
+draws domain d's rows at the rate q_d ∝ w_d / (units per row of domain d): the "rows drawn" column is
+that rate times the run's rows, and the token columns follow from the rows' mean sizes. The numbers are
+for the initial weights; the versatune strategy changes the weights during training.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class DomainPlan:
     mean_tokens_per_example: float
     skipped_rows: int
     weight: float  # share in plan.unit (tokens or examples)
-    row_probability: float  # what the sampler draws rows with
+    row_probability: float  # the long-run share of rows the sampler draws from this domain
     samples: int  # rows drawn over the whole run
     tokens: float  # expected tokens drawn
     loss_tokens: float  # expected loss tokens drawn

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from versatune_ds.eval.heldout import DomainLosses
 
 Batch = dict[str, torch.Tensor]  # input_ids, labels, position_ids[, attention_mask]: collated rows
 
@@ -57,12 +60,15 @@ class TrainingEngine(Protocol):
 
 
 class WeightPolicy(Protocol):
-    """Decides the mixture: initial sampler weights, and new ones after each evaluation (rank 0 decides)."""
+    """Decides the mixture: initial weights, and new ones after each evaluation (rank 0 decides).
 
-    def initial_item_weights(self) -> np.ndarray: ...
+    Weights are shares of mixture.unit (tokens or examples), which the sampler apportions as they are.
+    """
 
-    def after_eval(self, step: int, losses: np.ndarray) -> np.ndarray | None:
-        """New sampler item weights (identical on every rank), or None for no change."""
+    def initial_sampler_weights(self) -> np.ndarray: ...
+
+    def after_eval(self, step: int, result: DomainLosses) -> np.ndarray | None:
+        """New weights (identical on every rank), or None for no change, from the held-out evaluation."""
         ...
 
     def metrics(self) -> dict[str, float]:

@@ -240,12 +240,15 @@ def render_summary(run: Path, config: dict, distribution: dict | None, mixture_d
 
     lines += ["## Held-out loss per domain (first vs last evaluation)", ""]
     losses = {n: metric_series(records, f"eval/{n}/loss") for n in names}
+    errors = {n: dict(zip(*metric_series(records, f"eval/{n}/loss_se"))) for n in names}
     if any(ys for _, ys in losses.values()):
-        lines += ["| domain | first (step) | last (step) | change |", "|---|---|---|---|"]
+        lines += ["Each loss ± its standard error over the domain's held-out examples, where the run recorded one.", "",
+                  "| domain | first (step) | last (step) | change |", "|---|---|---|---|"]
         for n in names:
             xs, ys = losses[n]
             if ys:
-                lines.append(f"| {n} | {ys[0]:.4f} ({xs[0]:g}) | {ys[-1]:.4f} ({xs[-1]:g}) | {ys[-1] - ys[0]:+.4f} |")
+                first, last = (f"{y:.4f}" + (f" ± {errors[n][x]:.4f}" if x in errors[n] else "") for x, y in ((xs[0], ys[0]), (xs[-1], ys[-1])))
+                lines.append(f"| {n} | {first} ({xs[0]:g}) | {last} ({xs[-1]:g}) | {ys[-1] - ys[0]:+.4f} |")
             else:
                 lines.append(f"| {n} | - | - | - |")
     else:

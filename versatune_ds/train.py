@@ -34,7 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from versatune_ds import dist
 from versatune_ds.config.identity import config_to_dict, config_to_yaml
 from versatune_ds.config.schema import DataConfig, RunConfig
-from versatune_ds.data.packing import collate_rows
+from versatune_ds.data.packing import Example, collate_rows
 from versatune_ds.data.prepare import PreparedData, prepare_data
 from versatune_ds.data.tokenizer import load_tokenizer
 from versatune_ds.domains import Domains
@@ -45,11 +45,11 @@ from versatune_ds.engine.memory import preflight_warning
 from versatune_ds.engine.models import check_position_limit, load_inference_model, load_model, zero_stage
 from versatune_ds.engine.train_engine import TrainEngine
 from versatune_ds.errors import UserError
-from versatune_ds.eval.heldout import evaluate_domain_losses, hf_forward
+from versatune_ds.eval.heldout import DomainLosses, evaluate_domain_losses, hf_forward, training_heldout_sets
 from versatune_ds.files import write_text_atomic
 from versatune_ds.log import JsonlWriter, MetricsLogger, TrainProgress, log_eval_line, truncate_jsonl
-from versatune_ds.mixture.build import build_weight_policy
-from versatune_ds.mixture.composition import DISTRIBUTION_STRATEGIES, largest_remainder_counts
+from versatune_ds.mixture.build import build_weight_policy, sampler_rows
+from versatune_ds.mixture.composition import DISTRIBUTION_STRATEGIES
 from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 from versatune_ds.preemption import NUM_FLAGS, StopControl, clear_stop_marker, write_stop_marker
 from versatune_ds.probe.pipeline import read_distribution, run_probe
@@ -145,7 +145,9 @@ def _train(
 
     # 3. Mixture: the probed distribution, the weight policy, the sampler.
     distribution = initial_distribution(cfg, env, run_dir, domains, tokenizer)
-    policy = build_policy(cfg, env, run_dir, data, distribution, ds_config)
+    eval_sets = training_heldout_sets(cfg.eval, data, ds_config["train_batch_size"])
+    policy = build_policy(cfg, env, run_dir, data, distribution, ds_config, eval_sets)
+    unit, row_sizes = sampler_rows(data, cfg.mixture.unit)  # the sampler apportions tokens / examples exactly
     sampler = MixtureSampler(
         [len(d.train_rows) for d in data.per_domain],
         seed=cfg.train.seed,
@@ -153,10 +155,11 @@ def _train(
         global_batch_size=ds_config["train_batch_size"],
         rank=env.rank,
         world_size=env.world_size,
-        schedule=MixtureSchedule.constant(policy.initial_item_weights()),
+        schedule=MixtureSchedule.constant(policy.initial_sampler_weights()),
         domain_names=domains.names,
+        unit=unit,
+        row_sizes=row_sizes,
     )
-    warn_starved_domains(policy.initial_item_weights(), cfg.mixture.block_size, domains)
 
     # 4. The engine; restore a checkpoint.
     engine = engine_factory(cfg, ds_config)
@@ -185,13 +188,13 @@ def _train(
     )
 
     def evaluate_and_reweight(at_step: int) -> None:
-        losses = evaluate(engine, data, cfg.eval.micro_batch_size, env)
-        new_weights = policy.after_eval(at_step, losses)
+        result = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, data.pad_token_id, env)
+        new_weights = policy.after_eval(at_step, result)
         if new_weights is not None:
             sampler.set_weights(new_weights)  # identical on every rank: the policy broadcast them
-        metrics.log(at_step, {**loss_metrics(domains, losses), **policy.metrics()})
-        # One console / Slurm-log line per evaluation; pass the losses' standard errors once evaluate() has them.
-        log_eval_line(at_step, domains.names, losses, policy.metrics(), stderrs=None)
+        metrics.log(at_step, {**loss_metrics(domains, result), **policy.metrics()})
+        # One console / Slurm-log line per evaluation, each loss with its standard error.
+        log_eval_line(at_step, domains.names, result.loss, policy.metrics(), stderrs=result.se)
 
     def save(at_step: int) -> None:
         state = {
@@ -332,19 +335,6 @@ def log_data_sources(data_cfg: DataConfig) -> None:
                 logger.info("domain %s %s data: %s", domain.name, kind, ", ".join(resolved))
 
 
-def warn_starved_domains(item_weights: np.ndarray, block_size: int, domains: Domains) -> None:
-    """Say so when a domain with a positive weight rounds to no row per sampler block (it would never be seen)."""
-    counts = largest_remainder_counts(item_weights, block_size)
-    starved = [domains.name_of(d) for d in np.flatnonzero((counts == 0) & (np.asarray(item_weights) > 0))]
-    if starved:
-        smallest = float(np.min(np.asarray(item_weights)[np.asarray(item_weights) > 0]))
-        logger.warning(
-            "domain(s) %s get no row in a sampler block of %d rows at their weight (smallest item weight %.4f): "
-            "they would not be trained on; raise mixture.block_size to at least %d or mixture.floor",
-            ", ".join(starved), block_size, smallest, int(np.ceil(1 / smallest)),
-        )
-
-
 def write_report(run_dir: Path) -> None:
     """Rank 0 writes report/ at the end; a failed plot must not turn a finished run into a failure."""
     try:
@@ -353,21 +343,23 @@ def write_report(run_dir: Path) -> None:
         logger.warning("could not write the report (%s: %s); run `versatune-ds report --run-dir %s`", type(exc).__name__, exc, run_dir)
 
 
-def evaluate(engine: TrainingEngine, data: PreparedData, micro_batch_size: int, env: dist.DistEnv) -> np.ndarray:
-    """Per-domain held-out loss by domain id, identical on every rank."""
+def evaluate(
+    engine: TrainingEngine, heldout: list[list[Example]], micro_batch_size: int, pad_token_id: int, env: dist.DistEnv
+) -> DomainLosses:
+    """Per-domain held-out loss by domain id with its standard error and per-example losses, identical on every rank."""
     with engine.eval_mode():
-        result = evaluate_domain_losses(
-            engine.forward_loss_sums,
-            [d.heldout for d in data.per_domain],
-            micro_batch_size=micro_batch_size,
-            pad_token_id=data.pad_token_id,
-            env=env,
+        return evaluate_domain_losses(
+            engine.forward_loss_sums, heldout, micro_batch_size=micro_batch_size, pad_token_id=pad_token_id, env=env
         )
-    return result.loss
 
 
-def loss_metrics(domains: Domains, losses: np.ndarray) -> dict[str, float]:
-    return {f"eval/{domains.name_of(d)}/loss": float(v) for d, v in enumerate(losses)}
+def loss_metrics(domains: Domains, result: DomainLosses) -> dict[str, float]:
+    """`eval/<domain>/loss` and `eval/<domain>/loss_se` (the standard error over the domain's examples)."""
+    record = {}
+    for d, (loss, se) in enumerate(zip(result.loss, result.se)):
+        record[f"eval/{domains.name_of(d)}/loss"] = float(loss)
+        record[f"eval/{domains.name_of(d)}/loss_se"] = float(se)
+    return record
 
 
 def initial_distribution(
@@ -391,21 +383,23 @@ def initial_distribution(
 
 
 def build_policy(
-    cfg: RunConfig, env: dist.DistEnv, run_dir: Path, data: PreparedData, distribution: np.ndarray | None, ds_config: dict
+    cfg: RunConfig, env: dist.DistEnv, run_dir: Path, data: PreparedData, distribution: np.ndarray | None, ds_config: dict,
+    eval_sets: list[list[Example]],
 ) -> WeightPolicy:
-    """The weight policy (mixture.policy); a reference model is evaluated like the model being trained."""
+    """The weight policy (mixture.policy); a reference model is evaluated like the model being trained, on the same examples."""
 
-    def evaluate_model(model_path: str) -> np.ndarray:
+    def evaluate_model(model_path: str) -> DomainLosses:
         zero3 = zero_stage(ds_config) == 3
         offload = ds_config.get("zero_optimization", {}).get("offload_param") if zero3 else None
         reference = load_inference_model(cfg.model.for_folder(model_path), env, zero3=zero3, offload_param=offload)
         result = evaluate_domain_losses(
-            hf_forward(reference.module, reference.device), [d.heldout for d in data.per_domain],
+            hf_forward(reference.module, reference.device), eval_sets,
             micro_batch_size=cfg.eval.micro_batch_size, pad_token_id=data.pad_token_id, env=env,
         )
         del reference
-        return result.loss
+        return result
 
     return build_weight_policy(
-        cfg.mixture, data.domains, data, run_dir, env, initial_distribution=distribution, evaluate_model=evaluate_model
+        cfg.mixture, data.domains, data, run_dir, env, initial_distribution=distribution, evaluate_model=evaluate_model,
+        example_ids=[[e.index for e in examples] for examples in eval_sets],
     )

@@ -123,6 +123,7 @@ class MixtureConfig:
     smoothing: float = 0.1
     floor: float = 0.01
     max_change: float | None = 0.2
+    noise_k: float = 2.0  # γ and φ ignore loss differences within noise_k standard errors (0: the published rule)
     warmup_steps: int = 0
     reference_model: str | None = None
     reference_losses: Mapping[str, float] | None = None
@@ -162,6 +163,9 @@ class EvalConfig:
     every: int = 200
     micro_batch_size: int = 8
     at_start: bool = True
+    # Held-out tokens scored per domain at each training evaluation (a fixed subset of the held-out set);
+    # null: sized so one evaluation costs about 2 % of the training time between evaluations (eval.heldout).
+    max_tokens_per_domain: int | None = None
 
 
 @dataclass(frozen=True)
@@ -269,12 +273,14 @@ POSITIVE_INTS = (
     "train.micro_batch_size", "train.gradient_accumulation_steps", "train.log_every", "eval.every",
     "eval.micro_batch_size", "checkpoint.every", "checkpoint.keep_last", "dist.timeout_s", "probe.num_samples",
     "probe.max_new_tokens", "probe.batch_size", "classifier.num_bootstrap", "train.lock_stale_after_s",
+    "eval.max_tokens_per_domain",
 )
 # What train.stop_signals may name: signals a process can catch that launchers and Slurm send to stop a job.
 STOP_SIGNAL_NAMES: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGXCPU")
 NON_NEGATIVE_NUMBERS = (
     "train.learning_rate", "train.weight_decay", "train.warmup_steps", "train.max_grad_norm", "mixture.alpha",
     "mixture.beta", "mixture.eta", "mixture.warmup_steps", "mixture.target_ramp_steps", "probe.top_k",
+    "mixture.noise_k",
 )
 UNIT_INTERVAL = (
     "data.heldout_fraction", "mixture.smoothing", "mixture.floor", "mixture.target_share", "train.min_lr_ratio",

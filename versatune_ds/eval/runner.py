@@ -187,11 +187,16 @@ def _number(value: float | None) -> float | None:
 
 
 def results_dict(domains: Domains, losses: DomainLosses | None, accuracy: mcq.McqAccuracy | None) -> dict[str, Any]:
-    """{"domains": {name: {loss, tokens, acc, acc_norm, n}}, "macro": {loss, acc, acc_norm}}; null where not measured."""
+    """{"domains": {name: {loss, loss_se, tokens, acc, acc_norm, n}}, "macro": {loss, acc, acc_norm}}; null where not measured.
+
+    loss_se: the standard error of the loss over the domain's held-out examples (eval.heldout).
+    """
     per_domain = {}
+    errors = losses.se if losses is not None else None
     for d, name in enumerate(domains.names):
         per_domain[name] = {
             "loss": _number(losses.loss[d]) if losses is not None else None,
+            "loss_se": _number(errors[d]) if errors is not None else None,
             "tokens": int(losses.tokens[d]) if losses is not None else 0,
             "acc": _number(accuracy.acc[d]) if accuracy is not None else None,
             "acc_norm": _number(accuracy.acc_norm[d]) if accuracy is not None else None,
@@ -206,14 +211,15 @@ def results_dict(domains: Domains, losses: DomainLosses | None, accuracy: mcq.Mc
 
 def print_table(results: dict[str, Any]) -> None:
     table = Table(title=f"eval: {results['model']}")
-    for column in ("domain", "loss", "tokens", "acc", "acc_norm", "n"):
+    for column in ("domain", "loss ± se", "tokens", "acc", "acc_norm", "n"):
         table.add_column(column, justify="left" if column == "domain" else "right")
 
     def fmt(value: Any, digits: int = 4) -> str:
         return "-" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
 
     for name, row in results["domains"].items():
-        table.add_row(name, fmt(row["loss"]), fmt(row["tokens"]), fmt(row["acc"]), fmt(row["acc_norm"]), fmt(row["n"]))
+        loss = fmt(row["loss"]) if row["loss_se"] is None else f"{row['loss']:.4f} ± {row['loss_se']:.4f}"
+        table.add_row(name, loss, fmt(row["tokens"]), fmt(row["acc"]), fmt(row["acc_norm"]), fmt(row["n"]))
     macro = results["macro"]
     table.add_row("macro mean", fmt(macro["loss"]), "", fmt(macro["acc"]), fmt(macro["acc_norm"]), "", style="bold")
     Console(file=sys.stdout).print(table)

@@ -19,6 +19,7 @@ from versatune_ds.data.prepare import PreparedData
 from versatune_ds.dist import DistEnv
 from versatune_ds.domains import Domains
 from versatune_ds.errors import UserError
+from versatune_ds.eval.heldout import DomainLosses
 from versatune_ds.mixture import composition, rules
 from versatune_ds.mixture.policy import DYNAMIC_STRATEGIES, MIXTURE_FILE, MixturePolicy, format_weights
 from versatune_ds.mixture.reference import resolve_reference_losses
@@ -53,32 +54,36 @@ def build_weight_policy(
     *,
     initial_distribution: np.ndarray | Sequence[float] | None,
     reference_losses: np.ndarray | Sequence[float] | None = None,
-    evaluate_model: Callable[[str], np.ndarray] | None = None,
+    evaluate_model: Callable[[str], DomainLosses] | None = None,
+    example_ids: Sequence[Sequence[int]] | None = None,
 ) -> MixturePolicy:
     """The policy for `cfg.mixture`. Call on every rank (reference-model evaluation is collective).
 
     initial_distribution: the probed p by domain id (needed by versatune*, inverse).
     reference_losses: ℓ_ref by domain id, when the caller has it already.
-    evaluate_model(model_path) -> per-domain held-out losses by id; used for mixture.reference_model.
+    evaluate_model(model_path) -> the per-domain held-out evaluation; used for mixture.reference_model.
+    example_ids: per domain, the held-out examples evaluate_model scores (keys the reference cache).
     run_dir: where mixture.json / reference_losses.json go (None: write nothing, for tests).
     """
     units_per_item = units_per_item_from_data(data, m.unit, domains)
     target_id = None if m.target_domain is None else domains.id_of(m.target_domain, key="mixture.target_domain")
     w0 = initial_share_weights(m, domains, data, initial_distribution)
     rule = rules.UpdateRule(
-        rule=m.rule, alpha=m.alpha, beta=m.beta, eta=m.eta, smoothing=m.smoothing, floor=m.floor, max_change=m.max_change
+        rule=m.rule, alpha=m.alpha, beta=m.beta, eta=m.eta, smoothing=m.smoothing, floor=m.floor, max_change=m.max_change,
+        noise_k=m.noise_k,
     )
     dynamic = m.strategy in DYNAMIC_STRATEGIES
-    reference, source = None, "none"
+    reference, source, reference_items = None, "none", None
     if dynamic and m.rule == "versatune":
-        reference, source = resolve_reference_losses(
-            m, domains, data, run_dir, env, given=reference_losses, evaluate_model=evaluate_model
+        reference, source, reference_items = resolve_reference_losses(
+            m, domains, data, run_dir, env, given=reference_losses, evaluate_model=evaluate_model, example_ids=example_ids
         )
     if target_id is not None and not dynamic and m.strategy not in ("target_only", "target_plus_uniform"):
         logger.warning("mixture.target_domain is set but strategy %r is static; the target ramp applies to 'versatune' only", m.strategy)
     policy = MixturePolicy(
         domains=domains, strategy=m.strategy, unit=m.unit, initial_weights=w0, units_per_item=units_per_item,
         rule=rule, warmup_steps=int(m.warmup_steps), reference_losses=reference, reference_source=source,
+        reference_items=reference_items,
         fallback_factor=m.reference_fallback_factor, target_id=target_id if dynamic else None,
         target_share=m.target_share, target_ramp_steps=int(m.target_ramp_steps),
         mixture_path=None if run_dir is None else Path(run_dir) / MIXTURE_FILE, is_main=env.is_main,
@@ -108,6 +113,20 @@ def units_per_item_from_data(data: PreparedData, unit: str, domains: Domains) ->
             total = sum(len(row.example_indices) for row in rows)
         values.append(total / len(rows))
     return np.asarray(values, dtype=np.float64)
+
+
+def sampler_rows(data: PreparedData, unit: str) -> tuple[str, list[np.ndarray] | None]:
+    """The sampler's unit for mixture.unit, and each training row's size in it (mixture.sampler).
+
+    tokens: every row's tokens. examples: every row's packed examples, or plain rows ("items", the same
+    apportionment, faster) when each row holds one example (data.packing false).
+    """
+    if unit == "tokens":
+        return "tokens", [np.asarray([r.num_tokens for r in d.train_rows], dtype=np.int64) for d in data.per_domain]
+    sizes = [np.asarray([len(r.example_indices) for r in d.train_rows], dtype=np.int64) for d in data.per_domain]
+    if all(np.all(s == 1) for s in sizes):
+        return "items", None
+    return "examples", sizes
 
 
 def domain_sizes(data: PreparedData, unit: str) -> np.ndarray:

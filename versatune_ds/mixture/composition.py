@@ -183,9 +183,10 @@ def _num_domains(*sources: object) -> int:
 def item_weights_from_token_weights(
     token_weights: Sequence[float] | np.ndarray, mean_tokens_per_item: Sequence[float] | np.ndarray
 ) -> np.ndarray:
-    """Item-sampling probabilities q_d ∝ w_d / mean_tokens_d, so each domain's share of tokens is w_d.
+    """The long-run share of rows q_d ∝ w_d / mean_tokens_d that token shares w imply (used by `plan`).
 
-    (Expected tokens from domain d per sampled item is q_d·mean_tokens_d ∝ w_d.)
+    (Tokens from domain d per row drawn is q_d·mean_tokens_d ∝ w_d.) The sampler does not draw with q: it
+    apportions the token shares themselves, row by row (mixture.sampler, unit tokens).
     """
     weights = as_weights(token_weights, "token weights")
     mean_tokens = np.asarray(mean_tokens_per_item, dtype=np.float64)

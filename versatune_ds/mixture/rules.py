@@ -9,6 +9,22 @@ The update rule (DESIGN.md §1.4) in short:
     φ_i = max((ℓ_i(t) − ℓ_i(t−1)) / ℓ_i(t−1), 0)  forgetting degree
     log w ← log w + η·(α·γ + β·φ); softmax; smoothing toward the prior; floor; cap per update.
 
+Noise. ℓ_i is measured on a sample of held-out examples, so both differences carry a standard error
+(eval.heldout: SE_γ of ℓ_i − ℓ_ref,i, SE_φ of ℓ_i(t) − ℓ_i(t−1), paired over the examples when both
+losses scored the same ones). The rule counts only the part of a difference beyond k standard errors
+(k = `UpdateRule.noise_k`, mixture.noise_k, default 2):
+
+    γ_i = max((ℓ_i − ℓ_ref,i − k·SE_γ,i) / ℓ_i, 0)      φ_i = max((ℓ_i(t) − ℓ_i(t−1) − k·SE_φ,i) / ℓ_i(t−1), 0)
+
+so a rise inside the noise is no "forgetting", and a domain within noise of its reference has no
+potential left; a difference well beyond the noise moves the weights almost as before (it loses k·SE).
+Each score is thus a lower confidence bound, which leans against the domains measured least precisely:
+at the first evaluation with the fallback reference (ℓ_ref = 0.8·ℓ, paired), γ_i = 0.2·(1 − k·SE_i/ℓ_i)
+instead of 0.2 for all. Counting a difference in full once it passes k·SE avoids that lean but lets noise
+through in jumps: on the noise test (tests/test_noise.py) it drifted past the cap like the published rule.
+k = 0, or no standard errors given, is the rule as published. An unknown error (NaN: fewer than two
+examples) counts as 0.
+
 `UpdateRule(rule="official")` is the released code's rule instead: `w ← w·exp(ℓ) / Σ_j w_j·exp(ℓ_j)`.
 """
 
@@ -39,29 +55,48 @@ def _as_losses(losses: Sequence[float] | np.ndarray, what: str, num_domains: int
     return array
 
 
-def learnable_potential(losses: Sequence[float] | np.ndarray, ref_losses: Sequence[float] | np.ndarray) -> np.ndarray:
-    """γ_i = max((ℓ_i − ℓ_ref,i) / ℓ_i, 0): the fraction of the current loss a reference model removes."""
+def noise_margin(standard_errors: Sequence[float] | np.ndarray | None, k: float, num_domains: int) -> np.ndarray:
+    """k·SE per domain (zeros without errors; an unknown, NaN, error counts as 0)."""
+    if standard_errors is None:
+        return np.zeros(num_domains)
+    errors = np.asarray(standard_errors, dtype=np.float64)
+    if errors.shape != (num_domains,):
+        raise MixtureError(f"standard errors must have one value per domain ({num_domains}), got shape {errors.shape}")
+    errors = np.where(np.isfinite(errors), errors, 0.0)
+    if np.any(errors < 0):
+        raise MixtureError(f"standard errors must be >= 0, got {errors.tolist()}")
+    return k * errors
+
+
+def learnable_potential(
+    losses: Sequence[float] | np.ndarray, ref_losses: Sequence[float] | np.ndarray, margin: np.ndarray | None = None
+) -> np.ndarray:
+    """γ_i = max((ℓ_i − ℓ_ref,i − margin_i) / ℓ_i, 0): the fraction of the current loss a reference model removes."""
     current = _as_losses(losses, "loss", np.asarray(losses).size)
     reference = _as_losses(ref_losses, "reference loss", current.size)
-    return np.maximum((current - reference) / current, 0.0)
+    extra = np.zeros(current.size) if margin is None else margin
+    return np.maximum((current - reference - extra) / current, 0.0)
 
 
 def forgetting_degree(
-    losses: Sequence[float] | np.ndarray, prev_losses: Sequence[float] | np.ndarray | None
+    losses: Sequence[float] | np.ndarray, prev_losses: Sequence[float] | np.ndarray | None, margin: np.ndarray | None = None
 ) -> np.ndarray:
-    """φ_i = max((ℓ_i(t) − ℓ_i(t−1)) / ℓ_i(t−1), 0); zeros at the first evaluation (no previous loss)."""
+    """φ_i = max((ℓ_i(t) − ℓ_i(t−1) − margin_i) / ℓ_i(t−1), 0); zeros at the first evaluation (no previous loss)."""
     current = _as_losses(losses, "loss", np.asarray(losses).size)
     if prev_losses is None:
         return np.zeros(current.size)
     previous = _as_losses(prev_losses, "previous loss", current.size)
-    return np.maximum((current - previous) / previous, 0.0)
-
+    extra = np.zeros(current.size) if margin is None else margin
+    return np.maximum((current - previous - extra) / previous, 0.0)
 
 
 
 @dataclass(frozen=True)
 class UpdateRule:
-    """Knobs of the weight update. `max_change` is in absolute probability; None disables the cap."""
+    """Knobs of the weight update. `max_change` is in absolute probability; None disables the cap.
+
+    `noise_k`: how many standard errors of a loss difference γ and φ ignore (see the module docstring).
+    """
 
     rule: str = "versatune"
     alpha: float = 1.0
@@ -70,11 +105,12 @@ class UpdateRule:
     smoothing: float = 0.1
     floor: float = 0.01
     max_change: float | None = 0.2
+    noise_k: float = 2.0
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise MixtureError(f"update rule {self.rule!r} is unknown; choose one of {', '.join(RULES)}")
-        for name in ("alpha", "beta", "eta"):
+        for name in ("alpha", "beta", "eta", "noise_k"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise MixtureError(f"update rule {name} must be finite and >= 0, got {value!r}")
@@ -98,6 +134,8 @@ class WeightUpdate:
     scores: tuple[float, ...]
     old_weights: tuple[float, ...]
     new_weights: tuple[float, ...]
+    gamma_se: tuple[float, ...] | None = None  # standard error of ℓ − ℓ_ref that γ discounted (None: none given)
+    phi_se: tuple[float, ...] | None = None  # standard error of ℓ(t) − ℓ(t−1) that φ discounted
 
     def to_json(self) -> dict:
         return {f.name: _list_or_none(getattr(self, f.name)) for f in fields(self)}
@@ -114,11 +152,15 @@ def update_weights(
     prev_losses: Sequence[float] | np.ndarray | None,
     ref_losses: Sequence[float] | np.ndarray | None,
     rule: UpdateRule,
+    *,
+    gamma_se: Sequence[float] | np.ndarray | None = None,
+    phi_se: Sequence[float] | np.ndarray | None = None,
 ) -> WeightUpdate:
     """New mixture weights from the per-domain held-out losses.
 
     rule="versatune", in this exact order:
-      1. scores s = α·γ + β·φ (γ needs `ref_losses`; φ is 0 without `prev_losses`);
+      1. scores s = α·γ + β·φ (γ needs `ref_losses`; φ is 0 without `prev_losses`), each difference
+         discounted by noise_k times its standard error (`gamma_se`, `phi_se`; module docstring);
       2. multiplicative step in log space: u = softmax(log w + η·s);
       3. smoothing toward the prior (normally w0): v = (1 − c)·u + c·prior;
       4. floor: t = apply_floor(v, floor), so every weight >= floor and Σt = 1;
@@ -129,7 +171,7 @@ def update_weights(
          was >= floor at >= floor (t is). So the cap and the floor both hold whenever the old
          weights respect the floor (always, after the first update with the same floor); if they
          do not (floor raised on resume, or w0 without a floor), the floor wins over the cap.
-    rule="official" (the released code): scores = current loss, η = 1, no smoothing/floor/cap:
+    rule="official" (the released code): scores = current loss, η = 1, no smoothing/floor/cap/noise margin:
       w_new = w·exp(ℓ) / Σ_j w_j·exp(ℓ_j)  (computed with exp(ℓ − max ℓ), the same value, no overflow).
 
     Both rules reject non-finite or non-positive losses/references with a MixtureError naming the
@@ -140,10 +182,13 @@ def update_weights(
     current = _as_losses(losses, "loss", n)
     previous = None if prev_losses is None else _as_losses(prev_losses, "previous loss", n)
     reference = None if ref_losses is None else _as_losses(ref_losses, "reference loss", n)
-    gamma = np.zeros(n) if reference is None else learnable_potential(current, reference)
-    phi = forgetting_degree(current, previous)
+    official = rule.rule == "official"
+    gamma_margin = noise_margin(None if official else gamma_se, rule.noise_k, n)
+    phi_margin = noise_margin(None if official else phi_se, rule.noise_k, n)
+    gamma = np.zeros(n) if reference is None else learnable_potential(current, reference, gamma_margin)
+    phi = forgetting_degree(current, previous, phi_margin)
 
-    if rule.rule == "official":
+    if official:
         scores = current
         scaled = old * np.exp(current - current.max())
         new = scaled / scaled.sum()
@@ -172,6 +217,8 @@ def update_weights(
         scores=_tuple(scores),
         old_weights=_tuple(old),
         new_weights=_tuple(new),
+        gamma_se=None if gamma_se is None else _tuple(np.asarray(gamma_se, dtype=np.float64)),
+        phi_se=None if phi_se is None else _tuple(np.asarray(phi_se, dtype=np.float64)),
     )
 
 

@@ -134,7 +134,7 @@ def test_wall_clock_checkpoints(loop_config, monkeypatch: pytest.MonkeyPatch) ->
     assert _checkpoint_steps(Path(cfg.train.run_dir)) == [3, 6, 9, 10]
 
 
-def test_each_evaluation_prints_one_line_with_every_domain(loop_config, caplog: pytest.LogCaptureFixture) -> None:
+def test_each_evaluation_prints_one_line_with_every_domain_loss_and_se(loop_config, caplog: pytest.LogCaptureFixture) -> None:
     cfg = loop_config("eval_line", train={"max_steps": 4})
     with caplog.at_level(logging.INFO, logger="versatune_ds.log"):
         run_training(cfg, engine_factory=lambda _c, _d: FakeEngine())
@@ -144,7 +144,8 @@ def test_each_evaluation_prints_one_line_with_every_domain(loop_config, caplog: 
     for line, step in zip(lines, (0, 4)):
         for domain in TEST_DOMAINS:
             loss, weight = metrics[step][f"eval/{domain}/loss"], metrics[step][f"mixture/{domain}/weight"]
-            assert f"{domain} {loss:.4f} (w {weight:.3f})" in line, line
+            se = metrics[step][f"eval/{domain}/loss_se"]
+            assert f"{domain} {loss:.4f} ± {se:.4f} (w {weight:.3f})" in line, line
 
 
 def test_a_second_run_on_a_locked_run_dir_is_refused_and_writes_nothing(loop_config) -> None:

@@ -233,7 +233,7 @@ def test_our_resumable_state_is_json_not_pickle(tmp_path: Path) -> None:
 
 def test_data_paths_are_resolved_against_the_config_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from versatune_ds.config.loading import load_config
-    from versatune_ds.train import log_data_sources
+    from versatune_ds.data.prepare import log_data_sources
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "law.jsonl").write_text(json.dumps({"instruction": "a", "input": "", "output": "b"}) + "\n")
@@ -241,7 +241,7 @@ def test_data_paths_are_resolved_against_the_config_and_logged(tmp_path: Path, c
     config.parent.mkdir()
     config.write_text(f"model: {{path: {tmp_path}}}\ndata:\n  domains:\n    - {{name: law, train: [../data/law.jsonl]}}\n")
     cfg = load_config(config)
-    with caplog.at_level(logging.INFO, logger="versatune_ds.train"):
+    with caplog.at_level(logging.INFO, logger="versatune_ds.data.prepare"):
         log_data_sources(cfg.data)
     assert f"domain law train data: {(tmp_path / 'data' / 'law.jsonl').resolve()}" in caplog.text
 

@@ -33,9 +33,9 @@ from transformers import PreTrainedTokenizerBase
 
 from versatune_ds import dist
 from versatune_ds.config.identity import config_to_dict, config_to_yaml
-from versatune_ds.config.schema import DataConfig, RunConfig
+from versatune_ds.config.schema import RunConfig
 from versatune_ds.data.packing import Example, collate_rows
-from versatune_ds.data.prepare import PreparedData, prepare_data
+from versatune_ds.data.prepare import PreparedData, log_data_sources, prepare_data
 from versatune_ds.data.tokenizer import load_tokenizer
 from versatune_ds.domains import Domains
 from versatune_ds.engine import checkpoint, resume_checks
@@ -323,16 +323,6 @@ def stale_traces(run_dir: Path, world_size: int) -> list[Path]:
         if suffix.isdigit() and int(suffix) >= world_size:
             found.append(path)
     return sorted(found)
-
-
-def log_data_sources(data_cfg: DataConfig) -> None:
-    """Say which files (resolved, absolute) each domain trains and evaluates on, before they are read."""
-    for domain in data_cfg.domains:
-        for kind in ("train", "heldout", "raw"):
-            sources = getattr(domain, kind)
-            if sources:
-                resolved = [s if s.startswith("hf:") else str(Path(s).expanduser().resolve()) for s in sources]
-                logger.info("domain %s %s data: %s", domain.name, kind, ", ".join(resolved))
 
 
 def write_report(run_dir: Path) -> None:

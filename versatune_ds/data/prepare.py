@@ -97,6 +97,16 @@ def split_heldout(num_rows: int, fraction: float, max_examples: int, seed: int) 
 # Prepare
 
 
+def log_data_sources(data_cfg: DataConfig) -> None:
+    """Say which files (resolved, absolute) each domain trains and evaluates on, before they are read."""
+    for domain in data_cfg.domains:
+        for kind in ("train", "heldout", "raw"):
+            sources = getattr(domain, kind)
+            if sources:
+                resolved = [s if s.startswith("hf:") else str(Path(s).expanduser().resolve()) for s in sources]
+                logger.info("domain %s %s data: %s", domain.name, kind, ", ".join(resolved))
+
+
 def prepare_data(data_cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Tokenized training rows and held-out examples of every domain (cached; safe when every rank calls it)."""
     domains = Domains.from_names([d.name for d in data_cfg.domains])

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 
 from versatune_ds.errors import UserError
-from versatune_ds.probe.classifier import (
-    TfidfConfig,
-    TfidfDomainClassifier,
-    evaluate_classifier,
-    report_from_predictions,
-    train_tfidf_classifier,
-)
+from versatune_ds.probe.classifier import TfidfConfig, TfidfDomainClassifier, train_tfidf_classifier
 from versatune_ds.probe.estimators import estimate_distribution
+from versatune_ds.probe.reports import evaluate_classifier, report_from_predictions
 
 # Three domains with disjoint vocabularies; sentences are drawn from them with a seeded generator.
 VOCAB = (
@@ -59,7 +54,7 @@ def test_tfidf_word_only_and_binary() -> None:
     texts, labels = synthetic_corpus(20, seed=2)
     keep = [i for i, label in enumerate(labels) if label < 2]
     clf = train_tfidf_classifier(
-        [texts[i] for i in keep], [labels[i] for i in keep], 2, seed=0, config=TfidfConfig(use_char=False, min_df=1)
+        [texts[i] for i in keep], [labels[i] for i in keep], 2, seed=0, config=TfidfConfig(char_ngram_max=0, min_df=1)
     )
     probs = clf.predict_proba(["the patient dose clinic", "the court appeal verdict"])
     assert probs.shape == (2, 2)

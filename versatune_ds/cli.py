@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "plan": "plan",
     "preview": "preview",
     "probe": "probe",
+    "classify": "classify",
     "train": "train",
     "eval": "eval",
     "export": "export",

@@ -203,10 +203,12 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    kind: str = "tfidf"  # tfidf | llm_judge
+    # tfidf (TF-IDF + logistic regression trained with style augmentation and a fitted temperature) | tfidf_plain
+    # (the recipe before that) | embed_blend (tfidf x a sentence-embedding model; the `embed` extra) | llm_judge
+    kind: str = "tfidf"
     path: str | None = None  # a saved classifier to reuse
     judge_model: str | None = None
-    # mean (of per-text probabilities) | hard (label counts) | adjusted (mean, corrected by the TF-IDF classifier's
+    # mean (of per-text probabilities) | hard (label counts) | adjusted (mean, corrected by the trained classifier's
     # held-out mean-probability confusion: "adjusted classify and count"; see probe.adjusted_distribution)
     estimator: str = "mean"
     num_bootstrap: int = 1000
@@ -259,7 +261,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("skip", "stop"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "probe.mode": ("replica", "zero3"),
-    "classifier.kind": ("tfidf", "llm_judge"),
+    "classifier.kind": ("tfidf", "tfidf_plain", "embed_blend", "llm_judge"),
     "classifier.estimator": ("mean", "hard", "adjusted"),
     "export.dtype": ("auto", "bf16", "fp16", "fp32"),
 }

@@ -67,6 +67,9 @@ def validate(cfg: RunConfig, *, check_files: bool = True) -> list[str]:
         problems.append(f"probe.temperature: given {cfg.probe.temperature}; expected a number > 0")
     if cfg.probe.repetition_penalty <= 0:
         problems.append(f"probe.repetition_penalty: given {cfg.probe.repetition_penalty}; expected a number > 0")
+    if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind == "llm_judge":
+        problems.append("classifier.estimator: given 'adjusted' with classifier.kind=llm_judge; the adjusted estimator needs a "
+                        "trained classifier's held-out confusion: use classifier.kind=tfidf, or estimator mean or hard")
     if cfg.mixture.max_change is not None and not 0 < cfg.mixture.max_change <= 1:
         problems.append(f"mixture.max_change: given {cfg.mixture.max_change}; expected a number in (0, 1] or null for no cap")
     if cfg.mixture.reference_fallback_factor <= 0:

@@ -1,43 +1,44 @@
-"""Domain classification of probe generations and the knowledge distribution `p`.
+"""The probe's domain classifier: TF-IDF n-grams + multinomial logistic regression, trained to read any style.
 
-The probe (DESIGN.md section 1, steps 1-2) samples free-running generations from the base model and
-asks a classifier, for each text, how likely it is to belong to each of N domains (ids 0..N-1).
-The mean of those per-text probabilities is the model's knowledge distribution `p`.
+The probe (DESIGN.md section 1, steps 1-2) samples free-running generations from the base model and asks a
+classifier, for each text, how likely it is to belong to each of N domains (ids 0..N-1). It is trained on the
+domains' SFT rows and raw passages, but must read another style: generations. So the default recipe
+(`classifier.kind: tfidf`, `TfidfConfig()`) adds, to a plain TF-IDF model, what made it better on text of
+styles it never trained on (bench/results/classifier_accuracy.md has the numbers):
 
-This module holds:
+* **style augmentation** (probe.augment): every training text also contributes two short views -- a fragment,
+  one sentence, a mechanical multiple-choice item, one turn of an SFT row, lower-cased text -- weighted 0.5;
+* **class-balanced** sample weights;
+* a **temperature** fitted on a stratified 10 % calibration split (and its views), so the probabilities the
+  probe averages are calibrated in style; the model fitted on the other 90 % is kept (one fit).
 
-* `DomainClassifier`: the seam every classifier implements (`predict_proba` -> [n, N]).
-* `TfidfDomainClassifier`: the default -- TF-IDF word 1-2-grams + char_wb n-grams and a
-  multinomial logistic regression. Its state is saved as JSON + npz (never pickle), so a saved
-  classifier can be loaded from an untrusted place without running code.
-* `evaluate_classifier` / `ClassifierReport`: accuracy, confusion matrix, per-domain precision/recall.
-The distribution estimators live in probe.estimators; the LLM-judge classifier in probe.judge.
-Domain names are carried only for display and for the check on load; all logic is by id.
+`TfidfConfig.plain()` (`classifier.kind: tfidf_plain`) is the earlier recipe: no views, no balancing, no
+temperature, char 3-6-grams, C=30. State is JSON + npz (probe.state), never pickle; domain names are carried
+for display and the check on load, all logic is by id. Training is deterministic given the seed.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import normalize
 
 from versatune_ds.errors import UserError
-from versatune_ds.files import write_bytes_atomic, write_json_atomic
+from versatune_ds.probe.augment import AugmentConfig, make_views
+from versatune_ds.probe.features import TfidfBlock, fit_block, load_blocks, pack_blocks
+from versatune_ds.probe.state import read_arrays, read_meta, write_state
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "versatune_ds.tfidf_domain_classifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: before style augmentation and temperature (refused on load: retrain)
 META_FILE = "classifier.json"
 ARRAYS_FILE = "classifier.npz"
 
@@ -46,6 +47,7 @@ class DomainClassifier(Protocol):
     """Anything that maps texts to per-domain probabilities (rows sum to 1)."""
 
     num_domains: int
+    domain_names: tuple[str, ...]
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Return float64 [len(texts), num_domains]; row i is the distribution over domain ids."""
@@ -54,285 +56,228 @@ class DomainClassifier(Protocol):
 
 @dataclass(frozen=True)
 class TfidfConfig:
-    """Feature and model settings; stored in the saved metadata so load rebuilds the same transform.
+    """Feature, model and training settings; stored in the saved metadata so load rebuilds the same transform.
 
-    The defaults were chosen by bench/classifier_accuracy.py (see bench/results/classifier_accuracy.md).
+    The defaults are the recipe chosen on a validation split of the training texts and style-shifted copies of
+    it, never on evaluation data (bench/results/classifier_accuracy.md).
     """
 
     word_ngram_max: int = 2
     word_max_features: int = 100_000
-    use_char: bool = True
     char_ngram_min: int = 3
-    char_ngram_max: int = 6
+    char_ngram_max: int = 5  # 0 = no char n-gram block
     char_max_features: int = 100_000
     min_df: int = 2
-    c: float = 30.0
-    max_iter: int = 300
+    c: float = 10.0
+    max_iter: int = 200
+    tol: float = 1e-4
+    balanced: bool = True
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    calibration_fraction: float = 0.1  # 0 = no temperature (T = 1)
 
+    def __post_init__(self) -> None:
+        if self.c <= 0 or self.max_iter < 1 or self.min_df < 1 or self.word_ngram_max < 1:
+            raise UserError("TfidfConfig: need c > 0, max_iter >= 1, min_df >= 1, word_ngram_max >= 1")
+        if self.char_ngram_max and not 1 <= self.char_ngram_min <= self.char_ngram_max:
+            raise UserError("TfidfConfig: need 1 <= char_ngram_min <= char_ngram_max (or char_ngram_max = 0: no char block)")
+        if not 0.0 <= self.calibration_fraction < 0.5:
+            raise UserError(f"TfidfConfig: calibration_fraction must be in [0, 0.5), got {self.calibration_fraction}")
 
-def _word_vectorizer(cfg: TfidfConfig, vocabulary: dict[str, int] | None) -> CountVectorizer:
-    # A `\S`-free token pattern would drop code symbols; the char n-grams catch those instead,
-    # so the word part keeps sklearn's default pattern (2+ word characters).
-    return CountVectorizer(
-        analyzer="word",
-        ngram_range=(1, cfg.word_ngram_max),
-        lowercase=True,
-        min_df=cfg.min_df if vocabulary is None else 1,
-        max_features=cfg.word_max_features if vocabulary is None else None,
-        vocabulary=vocabulary,
-        dtype=np.float64,
-    )
+    @classmethod
+    def plain(cls) -> TfidfConfig:
+        """The recipe before style augmentation (`classifier.kind: tfidf_plain`)."""
+        return cls(char_ngram_max=6, c=30.0, max_iter=300, balanced=False, augment=None, calibration_fraction=0.0)
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
-def _char_vectorizer(cfg: TfidfConfig, vocabulary: dict[str, int] | None) -> CountVectorizer:
-    return CountVectorizer(
-        analyzer="char_wb",
-        ngram_range=(cfg.char_ngram_min, cfg.char_ngram_max),
-        lowercase=True,
-        min_df=cfg.min_df if vocabulary is None else 1,
-        max_features=cfg.char_max_features if vocabulary is None else None,
-        vocabulary=vocabulary,
-        dtype=np.float64,
-    )
-
-
-@dataclass(frozen=True)
-class _TfidfBlock:
-    """One feature family (word or char): fixed vocabulary + idf. Transform = sklearn's
-    TfidfVectorizer(sublinear_tf=True, norm='l2') computed by hand, so that a loaded block needs
-    only the vocabulary and idf (no fitted sklearn object, no pickle)."""
-
-    counter: CountVectorizer
-    idf: np.ndarray
-
-    def transform(self, texts: Sequence[str]) -> sp.csr_matrix:
-        counts = self.counter.transform(texts).tocsr().astype(np.float64)
-        counts.data = 1.0 + np.log(counts.data)  # sublinear tf
-        weighted = counts @ sp.diags(self.idf)
-        return normalize(weighted, norm="l2", copy=False).tocsr()
-
-    def terms(self) -> list[str]:
-        vocabulary = self.counter.vocabulary
-        assert isinstance(vocabulary, dict)
-        ordered = sorted(vocabulary.items(), key=lambda item: item[1])
-        return [term for term, _ in ordered]
-
-
-def _fit_block(texts: Sequence[str], cfg: TfidfConfig, kind: str) -> tuple[_TfidfBlock, sp.csr_matrix]:
-    make = _word_vectorizer if kind == "word" else _char_vectorizer
-    prototype = make(cfg, None)
-    fitted = TfidfVectorizer(sublinear_tf=True, norm="l2", smooth_idf=True, **_vectorizer_kwargs(prototype))
-    features = fitted.fit_transform(texts).tocsr()
-    block = _TfidfBlock(counter=make(cfg, dict(fitted.vocabulary_)), idf=np.asarray(fitted.idf_, dtype=np.float64))
-    return block, features
-
-
-def _vectorizer_kwargs(counter: CountVectorizer) -> dict[str, object]:
-    params = counter.get_params()
-    return {key: params[key] for key in ("analyzer", "ngram_range", "lowercase", "min_df", "max_features", "dtype")}
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> TfidfConfig:
+        try:
+            values = dict(data)
+            augment = values.pop("augment", None)
+            if augment is not None:
+                fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in augment.items()}
+                augment = AugmentConfig(**fields)
+            return cls(**values, augment=augment)
+        except (TypeError, AttributeError) as error:
+            raise UserError(f"{where}: the saved classifier settings do not fit this version ({error}); retrain it") from None
 
 
 class TfidfDomainClassifier:
-    """TF-IDF features (word + optional char_wb) -> multinomial logistic regression -> softmax."""
+    """TF-IDF blocks (word, char_wb) -> linear logits -> softmax(logits / temperature)."""
 
-    def __init__(
-        self,
-        config: TfidfConfig,
-        blocks: Sequence[_TfidfBlock],
-        coef: np.ndarray,
-        intercept: np.ndarray,
-        domain_names: Sequence[str],
-    ) -> None:
-        num_features = sum(len(block.idf) for block in blocks)
+    def __init__(self, config: TfidfConfig, blocks: Sequence[TfidfBlock], coef: np.ndarray, intercept: np.ndarray,
+                 domain_names: Sequence[str], temperature: float = 1.0) -> None:
+        num_features = sum(block.num_features for block in blocks)
         if coef.shape != (len(domain_names), num_features) or intercept.shape != (len(domain_names),):
             raise UserError(
                 f"classifier arrays do not fit together: coef {coef.shape}, intercept {intercept.shape}, "
-                f"{len(domain_names)} domains, {num_features} features; the saved classifier is corrupt -- retrain it"
-            )
+                f"{len(domain_names)} domains, {num_features} features; the saved classifier is damaged -- retrain it")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise UserError(f"classifier temperature must be a positive number, got {temperature}; retrain the classifier")
         self.config = config
         self.blocks = tuple(blocks)
         self.coef = np.asarray(coef, dtype=np.float64)
         self.intercept = np.asarray(intercept, dtype=np.float64)
         self.domain_names = tuple(domain_names)
         self.num_domains = len(self.domain_names)
+        self.temperature = float(temperature)
 
     def features(self, texts: Sequence[str]) -> sp.csr_matrix:
         return sp.hstack([block.transform(texts) for block in self.blocks], format="csr")
 
-    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Logits [n, num_domains] before the temperature."""
         if isinstance(texts, str):
             raise UserError("predict_proba expects a sequence of texts, got a single str; wrap it in a list")
         if len(texts) == 0:
             return np.zeros((0, self.num_domains), dtype=np.float64)
-        logits = np.asarray(self.features(texts) @ self.coef.T) + self.intercept
-        return _softmax(logits)
+        return np.asarray(self.features(texts) @ self.coef.T) + self.intercept
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return softmax(self.logits(texts) / self.temperature)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write `<path>/classifier.json` (config, domain names, shapes) and `<path>/classifier.npz`
-        (vocabularies as UTF-8 bytes + offsets, idf, coef, intercept). Each file is written to a
-        temporary name and renamed, so a crash never leaves a half-written classifier."""
-        directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {"coef": self.coef, "intercept": self.intercept}
-        kinds = []
-        for index, block in enumerate(self.blocks):
-            kind = block.counter.analyzer
-            kinds.append(kind)
-            utf8, offsets = _pack_terms(block.terms())
-            arrays[f"block{index}_terms_utf8"] = utf8
-            arrays[f"block{index}_terms_offsets"] = offsets
-            arrays[f"block{index}_idf"] = block.idf
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "domain_names": list(self.domain_names),
-            "config": asdict(self.config),
-            "blocks": kinds,
-        }
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        write_bytes_atomic(directory / ARRAYS_FILE, buffer.getvalue())
-        write_json_atomic(directory / META_FILE, meta)
+        """Write `<path>/classifier.json` (format, settings, names, temperature) and `<path>/classifier.npz`
+        (vocabularies as UTF-8 bytes + offsets, idf, coef, intercept), each atomically."""
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "domain_names": list(self.domain_names),
+                "config": self.config.to_json(), "blocks": [block.kind for block in self.blocks],
+                "temperature": self.temperature}
+        arrays = {"coef": self.coef, "intercept": self.intercept, **pack_blocks(self.blocks)}
+        write_state(Path(path), META_FILE, meta, ARRAYS_FILE, arrays)
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, domain_names: Sequence[str] | None = None
-    ) -> TfidfDomainClassifier:
-        """Load a classifier saved by `save`. If `domain_names` is given it must equal the saved
-        names in the same order (ids are positions, so a reordered list would silently relabel)."""
+    def load(cls, path: str | os.PathLike[str], *, domain_names: Sequence[str] | None = None) -> TfidfDomainClassifier:
+        """Load a classifier saved by `save`; `domain_names`, when given, must equal the saved ones in order."""
         directory = Path(path)
-        meta_path = directory / META_FILE
-        arrays_path = directory / ARRAYS_FILE
-        if not meta_path.is_file() or not arrays_path.is_file():
-            raise UserError(
-                f"no saved classifier at {directory}: expected {META_FILE} and {ARRAYS_FILE} there; "
-                "train one first (bench/classifier_accuracy.py shows how) or fix the path"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
-            raise UserError(
-                f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
-                f"{FORMAT_NAME!r} version {FORMAT_VERSION}; retrain the classifier with this version"
-            )
-        saved_names = [str(name) for name in meta["domain_names"]]
-        if domain_names is not None and list(domain_names) != saved_names:
-            raise UserError(
-                f"{meta_path}: the classifier was trained for domains {saved_names} (in this order), but the "
-                f"run uses {list(domain_names)}; retrain the classifier for these domains or list the domains "
-                "in the config in the classifier's order"
-            )
-        config = TfidfConfig(**meta["config"])
-        blocks = []
-        with np.load(arrays_path, allow_pickle=False) as arrays:
-            for index, kind in enumerate(meta["blocks"]):
-                terms = _unpack_terms(arrays[f"block{index}_terms_utf8"], arrays[f"block{index}_terms_offsets"])
-                make = _word_vectorizer if kind == "word" else _char_vectorizer
-                vocabulary = {term: position for position, term in enumerate(terms)}
-                blocks.append(_TfidfBlock(counter=make(config, vocabulary), idf=arrays[f"block{index}_idf"]))
-            coef = arrays["coef"]
-            intercept = arrays["intercept"]
-        return cls(config, blocks, coef, intercept, saved_names)
+        meta = read_meta(directory / META_FILE, FORMAT_NAME, FORMAT_VERSION, domain_names)
+        where = str(directory / META_FILE)
+        config = TfidfConfig.from_json(meta.get("config", {}), where)
+        arrays = read_arrays(directory / ARRAYS_FILE, ["coef", "intercept"])
+        blocks = load_blocks(arrays, list(meta.get("blocks", [])), config, str(directory / ARRAYS_FILE))
+        return cls(config, blocks, arrays["coef"], arrays["intercept"], meta["domain_names"],
+                   temperature=float(meta.get("temperature", float("nan"))))
 
 
 def train_tfidf_classifier(
     texts: Sequence[str],
-    labels: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
     num_domains: int,
     *,
     seed: int,
-    max_features: int = 100_000,
     config: TfidfConfig | None = None,
     domain_names: Sequence[str] | None = None,
+    segments: Sequence[Sequence[str]] | None = None,
 ) -> TfidfDomainClassifier:
-    """Fit the TF-IDF classifier. `max_features` caps each feature family (word and char) unless a
-    full `config` is given. `domain_names` (display only; default "0".."N-1") go into the saved metadata."""
-    cfg = config if config is not None else TfidfConfig(word_max_features=max_features, char_max_features=max_features)
-    label_array = np.asarray(labels, dtype=np.int64)
-    if len(texts) != len(label_array):
-        raise UserError(f"train_tfidf_classifier: {len(texts)} texts but {len(label_array)} labels; give one label per text")
-    if label_array.size and (label_array.min() < 0 or label_array.max() >= num_domains):
-        raise UserError(f"train_tfidf_classifier: labels must be domain ids in 0..{num_domains - 1}, got {sorted(set(label_array.tolist()))}")
-    missing = sorted(set(range(num_domains)) - set(label_array.tolist()))
-    if missing:
-        raise UserError(f"train_tfidf_classifier: no training texts for domain ids {missing}; every domain needs examples")
+    """Fit the classifier on labelled texts (domain ids 0..num_domains-1); default settings `TfidfConfig()`.
+
+    `segments` (optional, one entry per text): the parts a structured text was joined from (an SFT row's turns);
+    the style augmentation then also trains on single parts. `()` for texts without parts (raw passages).
+    `domain_names` are for display and the check on load (default "0".."N-1"). With
+    `config.calibration_fraction` > 0 the temperature is fitted on a stratified hold-out of that fraction (and its
+    views) of a model fitted on the rest, and that model is returned.
+    """
+    cfg = config if config is not None else TfidfConfig()
+    label_array = _check_inputs(texts, labels, num_domains, segments)
     names = tuple(domain_names) if domain_names is not None else tuple(str(i) for i in range(num_domains))
     if len(names) != num_domains:
         raise UserError(f"train_tfidf_classifier: {len(names)} domain names for num_domains={num_domains}")
+    texts = list(texts)
+    fit_ids, calib_ids = _stratified_split(label_array, cfg.calibration_fraction, seed)
 
-    kinds = ["word", "char"] if cfg.use_char else ["word"]
-    fitted = [_fit_block(texts, cfg, kind) for kind in kinds]
-    blocks = [block for block, _ in fitted]
+    def pick(items: Sequence[Any] | None, ids: np.ndarray) -> list[Any] | None:
+        return None if items is None else [items[i] for i in ids]
+
+    fit_texts = pick(texts, fit_ids)
+    assert fit_texts is not None
+    model = _fit(fit_texts, label_array[fit_ids], num_domains, cfg, seed, names, pick(segments, fit_ids))
+    if calib_ids.size:
+        calib_texts, calib_labels = [texts[i] for i in calib_ids], label_array[calib_ids]
+        if cfg.augment is not None and cfg.augment.views_per_text > 0:
+            views, view_labels = make_views(calib_texts, calib_labels, config=cfg.augment, seed=seed + 1,
+                                            segments=pick(segments, calib_ids))
+            calib_texts, calib_labels = calib_texts + views, np.concatenate([calib_labels, view_labels])
+        model.temperature = fit_temperature(model.logits(calib_texts), calib_labels)
+    logger.info("trained the TF-IDF classifier on %d of %d texts (%d features, %d domains, temperature %.3f from %d texts)",
+                fit_ids.size, len(texts), model.coef.shape[1], num_domains, model.temperature, calib_ids.size)
+    return model
+
+
+def _fit(texts: list[str], labels: np.ndarray, num_domains: int, cfg: TfidfConfig, seed: int, names: tuple[str, ...],
+         segments: Sequence[Sequence[str]] | None) -> TfidfDomainClassifier:
+    weights = np.ones(len(texts))
+    all_texts, all_labels = texts, labels
+    if cfg.augment is not None and cfg.augment.views_per_text > 0:
+        views, view_labels = make_views(texts, labels, config=cfg.augment, seed=seed, segments=segments)
+        all_texts = texts + views
+        all_labels = np.concatenate([labels, view_labels])
+        weights = np.concatenate([weights, np.full(len(views), cfg.augment.view_weight)])
+    if cfg.balanced:
+        # Weights from the counts of original texts, so a domain of long texts (more views) is not favoured.
+        counts = np.bincount(labels, minlength=num_domains).astype(np.float64)
+        weights = weights * (len(labels) / (num_domains * counts))[all_labels]
+    kinds = ["word"] + (["char"] if cfg.char_ngram_max else [])
+    fitted = [fit_block(all_texts, cfg, kind) for kind in kinds]
     features = sp.hstack([matrix for _, matrix in fitted], format="csr")
-    model = LogisticRegression(C=cfg.c, max_iter=cfg.max_iter, random_state=seed)
-    model.fit(features, label_array)
+    model = LogisticRegression(C=cfg.c, max_iter=cfg.max_iter, tol=cfg.tol, random_state=seed)
+    model.fit(features, all_labels, sample_weight=weights / weights.mean())
     coef, intercept = np.asarray(model.coef_, dtype=np.float64), np.asarray(model.intercept_, dtype=np.float64)
-    if num_domains == 2:
-        # Binary LogisticRegression keeps one row: P(1) = sigmoid(z) = softmax([0, z])[1].
+    if num_domains == 2:  # binary LogisticRegression keeps one row: P(1) = sigmoid(z) = softmax([0, z])[1]
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.concatenate([np.zeros(1), intercept])
-    logger.info("trained TF-IDF classifier: %d texts, %d features, %d domains", len(texts), features.shape[1], num_domains)
-    return TfidfDomainClassifier(cfg, blocks, coef, intercept, names)
+    return TfidfDomainClassifier(cfg, [block for block, _ in fitted], coef, intercept, names)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """T > 0 minimising the mean negative log-likelihood of softmax(logits / T), searched on log T in [1/20, 20]."""
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        scaled = logits / np.exp(log_t)
+        scaled = scaled - scaled.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(scaled).sum(axis=1)) - scaled[rows, labels]))
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def _pack_terms(terms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    # Fixed-width numpy unicode arrays would pad every term to the longest one; bytes + offsets
-    # stay compact and load with allow_pickle=False.
-    encoded = [term.encode("utf-8") for term in terms]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(item) for item in encoded])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, calibration) positions: `fraction` of each domain with at least 10 texts, by a seeded permutation."""
+    rng = np.random.default_rng([seed, 0xCA1])
+    fit_ids: list[int] = []
+    held: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[rng.permutation(members.size)]
+        cut = int(round(members.size * fraction)) if members.size >= 10 else 0
+        held.extend(members[:cut].tolist())
+        fit_ids.extend(members[cut:].tolist())
+    return np.asarray(sorted(fit_ids), dtype=np.int64), np.asarray(sorted(held), dtype=np.int64)
 
 
-def _unpack_terms(utf8: np.ndarray, offsets: np.ndarray) -> list[str]:
-    blob = utf8.tobytes()
-    return [blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
-
-
-@dataclass(frozen=True)
-class ClassifierReport:
-    """Hard-label quality of a classifier on labelled texts. confusion[true][predicted] counts."""
-
-    accuracy: float
-    confusion: list[list[int]]
-    precision: tuple[float, ...]
-    recall: tuple[float, ...]
-    num_examples: int
-
-
-def report_from_predictions(predicted: Sequence[int], labels: Sequence[int], num_domains: int) -> ClassifierReport:
-    """Build the report from hard predictions; precision/recall of a domain with no predicted /
-    no true examples is 0.0 (not NaN, so the report stays valid JSON)."""
-    predicted_array = np.asarray(predicted, dtype=np.int64)
+def _check_inputs(texts: Sequence[str], labels: Sequence[int] | np.ndarray, num_domains: int,
+                  segments: Sequence[Sequence[str]] | None) -> np.ndarray:
+    if isinstance(texts, str):
+        raise UserError("train_tfidf_classifier: texts must be a sequence of str, got a single str")
     label_array = np.asarray(labels, dtype=np.int64)
-    if predicted_array.shape != label_array.shape:
-        raise UserError(f"{len(predicted_array)} predictions but {len(label_array)} labels")
-    confusion = np.zeros((num_domains, num_domains), dtype=np.int64)
-    np.add.at(confusion, (label_array, predicted_array), 1)
-    correct = np.diag(confusion).astype(np.float64)
-    predicted_totals = confusion.sum(axis=0)
-    true_totals = confusion.sum(axis=1)
-    precision = np.divide(correct, predicted_totals, out=np.zeros(num_domains), where=predicted_totals > 0)
-    recall = np.divide(correct, true_totals, out=np.zeros(num_domains), where=true_totals > 0)
-    total = int(label_array.size)
-    return ClassifierReport(
-        accuracy=float(correct.sum() / total) if total else 0.0,
-        confusion=confusion.tolist(),
-        precision=tuple(float(x) for x in precision),
-        recall=tuple(float(x) for x in recall),
-        num_examples=total,
-    )
+    if len(texts) != label_array.size:
+        raise UserError(f"train_tfidf_classifier: {len(texts)} texts but {label_array.size} labels; give one label per text")
+    if num_domains < 2:
+        raise UserError(f"train_tfidf_classifier: need at least 2 domains, got {num_domains}")
+    if label_array.size and (label_array.min() < 0 or label_array.max() >= num_domains):
+        raise UserError(f"train_tfidf_classifier: labels must be domain ids in 0..{num_domains - 1}, "
+                        f"got {sorted(set(label_array.tolist()))}")
+    missing = sorted(set(range(num_domains)) - set(label_array.tolist()))
+    if missing:
+        raise UserError(f"train_tfidf_classifier: no training texts for domain ids {missing}; every domain needs examples")
+    if segments is not None and len(segments) != len(texts):
+        raise UserError(f"train_tfidf_classifier: {len(segments)} segment entries for {len(texts)} texts")
+    return label_array
 
-
-def evaluate_classifier(clf: DomainClassifier, texts: Sequence[str], labels: Sequence[int]) -> ClassifierReport:
-    """Argmax of `clf.predict_proba(texts)` against integer domain labels."""
-    label_array = np.asarray(labels, dtype=np.int64)
-    if label_array.size and (label_array.min() < 0 or label_array.max() >= clf.num_domains):
-        raise UserError(f"evaluate_classifier: labels must be in 0..{clf.num_domains - 1}, got {sorted(set(label_array.tolist()))}")
-    probs = clf.predict_proba(list(texts))
-    return report_from_predictions(probs.argmax(axis=1), label_array, clf.num_domains)

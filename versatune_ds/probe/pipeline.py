@@ -3,10 +3,10 @@
 1. Generate (probe.generation): N generations from lone start-token prompts, split evenly over the ranks
    with equal `generate` call counts, per-prompt seeded, gathered to rank 0 and appended to
    <run_dir>/probe/generations.jsonl (resumable).
-2. Classify every generation -- the TF-IDF classifier (probe.classifier) trained on the domains' texts
-   (data.prepare.domain_texts) by default, its held-out accuracy and confusion matrix in
-   probe/classifier_report.json; or an LLM judge (probe.judge) with texts split over the ranks and equal
-   forward counts -- and estimate p with a bootstrap CI (probe.estimators); write probe/distribution.json.
+2. Classify every generation -- the classifier of `classifier.kind` (probe.training: trained on the domains'
+   texts, or reused or loaded; its held-out accuracy and confusion matrix in probe/classifier_report.json), or
+   an LLM judge (probe.judge) with texts split over the ranks and equal forward counts -- and estimate p with a
+   bootstrap CI (probe.estimators); write probe/distribution.json.
 
 `run_probe(cfg, env, ...)` is also the first stage of `train` (unless mixture.distribution is given;
 `read_distribution` reads such a file).
@@ -28,15 +28,14 @@ from transformers import PreTrainedTokenizerBase
 
 from versatune_ds import dist
 from versatune_ds.config.schema import RunConfig
-from versatune_ds.data.prepare import domain_texts
 from versatune_ds.data.tokenizer import load_tokenizer
 from versatune_ds.dist import DistEnv
 from versatune_ds.domains import Domains
 from versatune_ds.engine.models import load_inference_model
 from versatune_ds.errors import UserError
 from versatune_ds.files import write_json_atomic
-from versatune_ds.probe.classifier import DomainClassifier, TfidfDomainClassifier, evaluate_classifier, train_tfidf_classifier
-from versatune_ds.probe.estimators import (
+from versatune_ds.probe.embedding import INSTALL_HINT, embedder_available
+from versatune_ds.probe.estimators import (  # noqa: F401 (mean_probability_confusion: part of this module's API)
     DistributionEstimate,
     adjusted_distribution,
     estimate_distribution,
@@ -44,15 +43,18 @@ from versatune_ds.probe.estimators import (
 )
 from versatune_ds.probe.generation import generate_all, start_token
 from versatune_ds.probe.judge import LlmJudgeClassifier
+from versatune_ds.probe.training import (  # noqa: F401 (re-exported: the probe's files and split)
+    CLASSIFIER_DIR,
+    CLASSIFIER_REPORT_FILE,
+    HELDOUT_FRACTION,
+    heldout_split,
+    probe_classifier,
+)
 
 logger = logging.getLogger(__name__)
 
 PROBE_DIR = "probe"
 DISTRIBUTION_FILE = "distribution.json"
-CLASSIFIER_DIR = "classifier"
-CLASSIFIER_REPORT_FILE = "classifier_report.json"
-HELDOUT_FRACTION = 0.2  # of the classifier's texts, per domain, for its accuracy report
-_SPLIT_STREAM = 11  # seed-sequence namespace for the classifier's hold-out split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,55 +68,6 @@ class ProbeResult:
     ci_high: np.ndarray
     num_texts: int
     distribution_path: Path
-
-
-def train_probe_classifier(cfg: RunConfig, domains: Domains, probe_dir: Path) -> tuple[DomainClassifier, np.ndarray | None]:
-    """Rank 0: the TF-IDF classifier and its held-out mean-probability confusion M (M[i, j] = mean P(j) over
-    held-out texts of domain i). Trained on data.domain_texts minus a fixed-seed per-domain hold-out whose
-    accuracy, confusion and M go to classifier_report.json; or loaded from classifier.path (M then only for
-    the adjusted estimator, measured on the same hold-out, which that classifier may have trained on)."""
-    adjusted = cfg.classifier.estimator == "adjusted"
-    if cfg.classifier.path and not adjusted:
-        return TfidfDomainClassifier.load(cfg.classifier.path, domain_names=domains.names), None
-    texts, labels = domain_texts(cfg.data)
-    train_ids, test_ids = heldout_split(np.asarray(labels), HELDOUT_FRACTION, cfg.train.seed)
-    test_texts, test_labels = [texts[i] for i in test_ids], np.asarray([labels[i] for i in test_ids], dtype=np.int64)
-    if cfg.classifier.path:
-        logger.warning("classifier.estimator=adjusted with a saved classifier: its confusion is measured on a "
-                       "hold-out it may have trained on, so the correction may be too weak")
-        classifier = TfidfDomainClassifier.load(cfg.classifier.path, domain_names=domains.names)
-        return classifier, mean_probability_confusion(classifier.predict_proba(test_texts), test_labels, len(domains))
-    classifier = train_tfidf_classifier(
-        [texts[i] for i in train_ids], [labels[i] for i in train_ids], len(domains), seed=cfg.train.seed,
-        domain_names=domains.names,
-    )
-    classifier.save(probe_dir / CLASSIFIER_DIR)
-    report = evaluate_classifier(classifier, test_texts, test_labels)
-    confusion_mean = mean_probability_confusion(classifier.predict_proba(test_texts), test_labels, len(domains))
-    write_json_atomic(probe_dir / CLASSIFIER_REPORT_FILE, {
-        "domains": list(domains.names), "accuracy": report.accuracy, "confusion": report.confusion,
-        "mean_probability_confusion": confusion_mean.tolist(),
-        "precision": list(report.precision), "recall": list(report.recall), "num_test_texts": report.num_examples,
-        "num_train_texts": len(train_ids), "heldout_fraction": HELDOUT_FRACTION, "seed": cfg.train.seed,
-        "note": "held out from the classifier's own training texts (train + raw sources); generations of a base "
-                "model are another style of text, where accuracy is usually lower",
-    })
-    logger.info("probe classifier: held-out accuracy %.3f on %d texts", report.accuracy, report.num_examples)
-    return classifier, confusion_mean
-
-
-def heldout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, test) positions: `fraction` of each domain's texts held out, chosen by a seeded permutation."""
-    rng = np.random.default_rng([seed, _SPLIT_STREAM])
-    train: list[int] = []
-    test: list[int] = []
-    for domain_id in np.unique(labels):
-        members = np.flatnonzero(labels == domain_id)
-        members = members[rng.permutation(members.size)]
-        cut = int(round(members.size * fraction)) if members.size > 1 else 0
-        test.extend(members[:cut].tolist())
-        train.extend(members[cut:].tolist())
-    return sorted(train), sorted(test)
 
 
 def judge_probabilities(cfg: RunConfig, env: DistEnv, domains: Domains, texts: list[str] | None, *, zero3: bool) -> np.ndarray | None:
@@ -164,8 +117,11 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     The model of cfg.model is loaded as probe.mode says (a replica per rank, or ZeRO-3 partitioned).
     Returns p (and CI) on every rank; files go to <run_dir>/probe/.
     """
-    if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind != "tfidf":
-        raise UserError("classifier.estimator=adjusted needs classifier.kind=tfidf (its held-out confusion); use mean or hard")
+    if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind == "llm_judge":
+        raise UserError("classifier.estimator=adjusted needs a trained classifier (classifier.kind=tfidf, tfidf_plain or "
+                        "embed_blend: its held-out confusion); use mean or hard with llm_judge")
+    if cfg.classifier.kind == "embed_blend" and not embedder_available():
+        raise UserError(INSTALL_HINT)  # before the generations, not after
     domains = Domains(cfg.domain_names)
     probe_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir) / PROBE_DIR
     zero3 = cfg.probe.mode == "zero3"
@@ -179,8 +135,11 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     if cfg.classifier.kind == "llm_judge":
         probs = judge_probabilities(cfg, env, domains, texts, zero3=zero3)
     elif env.is_main:
-        classifier, confusion_mean = train_probe_classifier(cfg, domains, probe_dir)
-        probs = classifier.predict_proba(texts)
+        trained = probe_classifier(cfg.classifier, cfg.data, domains.names, cfg.train.seed, probe_dir,
+                                   need_confusion=cfg.classifier.estimator == "adjusted")
+        confusion_mean = trained.confusion_mean
+        assert texts is not None  # gathered on rank 0
+        probs = trained.classifier.predict_proba(texts)
     payload = None
     if env.is_main:
         assert probs is not None and texts is not None

@@ -13,12 +13,16 @@ A plain torch loop (a benchmark fixture, not the product's training path), resum
   The rule needs no total length fixed in advance, and the decay recovers what a constant rate leaves on
   the table (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training beyond Fixed Training Durations").
 - **Plateau rule.** Every `eval_every` steps the held-out raw-text loss of each domain is measured on
-  passages the loop never trains on. Per domain, L(t) = c + a·t^(−α) is fitted to the evaluations of the
-  last two doublings of steps (t ≥ step/4, at least 5 points) (versatune_ds.eval.stats.fit_plateau); the
-  domain's plateau is c, or its lowest loss once the curve rises again (overfitting). When, for every
-  domain, (latest loss − plateau) / plateau ≤ `tolerance` (5 %) and at least `min_steps` have run, the decay
-  starts. The fit extrapolates, so while a curve still falls steeply its plateau lies far below and the
-  rule waits -- the conservative direction.
+  passages the loop never trains on. A domain's *plateau* is the asymptote c of L(t) = c + a·t^(−α) fitted
+  to its evaluations after the warmup (t ≥ 2 x warmup; versatune_ds.eval.stats.fit_plateau), or its lowest
+  loss once the curve rises again (overfitting). The decay starts, after at least `min_steps`, when for
+  every domain both hold:
+    (a) the fit: (latest loss − plateau) / plateau ≤ `tolerance` (5 %);
+    (b) the measurement: the relative gain over the last doubling of steps, (L(t/2) − L(t)) / L(t), is at
+        most tolerance·(2^0.5 − 1)/(1 + tolerance) ≈ 1.97 % -- which under a power law with exponent ≥ 0.5
+        leaves at most 5 % to gain, and which a rising (overfitting) curve meets at once.
+  (b) guards (a) against a fit that extrapolates too little; (a) guards (b) against a flat stretch that is
+  not the end. Both are conservative: they wait rather than stop early.
 - **Resume.** After every evaluation the model, optimizer, data generator and curve are saved atomically
   (`state.pt`); a killed run restarts from there and continues exactly as an uninterrupted one would.
 """
@@ -100,17 +104,36 @@ def learning_rate(step: int, settings: PretrainSettings, cooldown: tuple[int, in
     return settings.lr * max(0.0, (end - step) / max(1, end - start))
 
 
-def plateau_fits(evals: list[dict], num_domains: int) -> list[stats.PlateauFit] | None:
-    """Per-domain fits over the stable phase's evaluations of the last two doublings (None: too few points)."""
-    stable = [e for e in evals if e["phase"] == "stable" and e["step"] > 0]
-    if len(stable) < 5:
-        return None
-    last = stable[-1]["step"]
-    window = [e for e in stable if e["step"] >= last / 4] or stable
+# The doubling rule's bound: under L = c + a·t^(−α), the gain over the last doubling of steps g and the gap to the
+# plateau satisfy gap = g / (2^α − 1 − g); with α ≥ MIN_EXPONENT a gap ≤ tolerance needs g ≤ tolerance·(2^α − 1)/(1 + tolerance).
+MIN_EXPONENT = 0.5
+
+
+def doubling_bound(tolerance: float) -> float:
+    return tolerance * (2**MIN_EXPONENT - 1) / (1 + tolerance)
+
+
+def plateau_fits(evals: list[dict], num_domains: int, warmup_steps: int) -> list[stats.PlateauFit] | None:
+    """Per-domain power-law fits over the stable phase's evaluations after the warmup (None: fewer than 5 points).
+
+    All points from 2 x warmup on are used: a short window leaves the exponent and the asymptote free to trade
+    off against each other (a nearly straight curve in log t fits a tiny exponent and an asymptote near 0)."""
+    window = [e for e in evals if e["phase"] == "stable" and e["step"] >= 2 * warmup_steps]
     if len(window) < 5:
-        window = stable[-5:]
+        return None
     steps = np.array([e["step"] for e in window], dtype=np.float64)
     return [stats.fit_plateau(steps, [e["loss"][d] for e in window]) for d in range(num_domains)]
+
+
+def doubling_gains(evals: list[dict], num_domains: int) -> list[float] | None:
+    """(L(t/2) − L(t)) / L(t) per domain: the measured relative gain over the last doubling of steps."""
+    stable = [e for e in evals if e["phase"] == "stable" and e["step"] > 0]
+    last = stable[-1]
+    earlier = [e for e in stable if e["step"] <= last["step"] / 2]
+    if not earlier:
+        return None
+    half = earlier[-1]
+    return [(half["loss"][d] - last["loss"][d]) / last["loss"][d] for d in range(num_domains)]
 
 
 def evaluate(model: torch.nn.Module, heldout: Sequence[Sequence[Example]], pad_token_id: int) -> tuple[list[float], list[float]]:
@@ -171,14 +194,20 @@ def pretrain(model_dir: Path, docs: Sequence[Sequence[str]], shares: Sequence[fl
                      "train_loss": float(np.mean(window)) if window else None, "load_avg": list(os.getloadavg())}
             window = []
             record["evals"].append(entry)
-            fits = plateau_fits(record["evals"], len(heldout)) if phase == "stable" else None
+            fits = plateau_fits(record["evals"], len(heldout), settings.warmup_steps) if phase == "stable" else None
+            gains = doubling_gains(record["evals"], len(heldout)) if phase == "stable" else None
             if fits is not None:
                 entry["plateau"] = [f.plateau for f in fits]
                 entry["gap"] = [f.gap for f in fits]
-            logger.info("step %d tokens %.1fM %.0f s | raw loss %s | gap %s", step, record["tokens"] / 1e6, record["seconds"],
-                        " ".join(f"{x:.3f}" for x in losses), " ".join(f"{g:.3f}" for g in entry.get("gap", [])) or "-")
+                entry["exponent"] = [f.exponent for f in fits]
+            if gains is not None:
+                entry["doubling_gain"] = gains
+            logger.info("step %d tokens %.1fM %.0f s | raw loss %s | gap %s | doubling gain %s", step, record["tokens"] / 1e6,
+                        record["seconds"], " ".join(f"{x:.3f}" for x in losses),
+                        " ".join(f"{g:.3f}" for g in entry.get("gap", [])) or "-", " ".join(f"{g:.3f}" for g in gains or []) or "-")
             if phase == "stable" and step >= settings.min_steps:
-                reached = fits is not None and max(f.gap for f in fits) <= settings.tolerance
+                reached = (fits is not None and gains is not None and max(f.gap for f in fits) <= settings.tolerance
+                           and max(gains) <= doubling_bound(settings.tolerance))
                 if reached or step >= settings.max_steps:
                     length = int(np.ceil(settings.cooldown_fraction * step / settings.eval_every)) * settings.eval_every
                     record["cooldown"] = [step, step + length]

@@ -18,7 +18,10 @@ DeepSpeed checkpoint of a run on top of its base (`load_model(..., checkpoint=(r
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -48,10 +51,12 @@ class ItemLosses:
 
 
 def raw_examples(tokenizer: object, texts: Sequence[str], domain_id: int, max_tokens: int) -> list[Example]:
-    """BOS + passage + EOS, cut to `max_tokens`; labels = the tokens, BOS excluded (nothing predicts it)."""
+    """BOS + passage + EOS, cut to `max_tokens`; labels = the tokens after the first (nothing predicts it).
+    A tokenizer without BOS starts at EOS (the probe's convention for a lone start token)."""
     out = []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     for index, text in enumerate(texts):
-        ids = [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)[: max_tokens - 2] + [tokenizer.eos_token_id]
+        ids = [start] + tokenizer.encode(text, add_special_tokens=False)[: max_tokens - 2] + [tokenizer.eos_token_id]
         array = np.asarray(ids, dtype=np.int64)
         labels = array.copy()
         labels[0] = -100
@@ -59,9 +64,10 @@ def raw_examples(tokenizer: object, texts: Sequence[str], domain_id: int, max_to
     return out
 
 
-def sft_examples(tokenizer: object, path: str | Path, domains: Domains, domain_id: int, seq_len: int) -> list[Example]:
-    """An SFT file tokenized by the library exactly as training and `versatune-ds eval` do (template `simple`)."""
-    data_cfg = DataConfig(seq_len=seq_len, template="simple", truncation="skip", packing=False)
+def sft_examples(tokenizer: object, path: str | Path, domains: Domains, domain_id: int, seq_len: int, *,
+                 template: str = "simple", truncation: str = "skip") -> list[Example]:
+    """An SFT file tokenized by the library exactly as training and `versatune-ds eval` do (the run's template)."""
+    data_cfg = DataConfig(seq_len=seq_len, template=template, truncation=truncation, packing=False)
     return tokenize_sft_file(str(path), tokenizer, data_cfg, domains, domain_id)
 
 
@@ -118,3 +124,51 @@ def from_json(doc: dict, name: str, domains: Sequence[str]) -> list[ItemLosses]:
 
 def read(path: str | Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def main() -> int:
+    """`python bench/domain_eval.py --model DIR --raw law=F ... --sft law=F ... --out X.json` (a job of quality_smollm2.py)."""
+    parser = argparse.ArgumentParser(description="per-item held-out raw-text and SFT losses of one model")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--raw", nargs="*", default=[], metavar="DOMAIN=FILE", help="JSONL with a `text` field")
+    parser.add_argument("--sft", nargs="*", default=[], metavar="DOMAIN=FILE", help="SFT rows (alpaca / sharegpt / messages)")
+    parser.add_argument("--raw-name", default="raw_test")
+    parser.add_argument("--sft-name", default="sft_test")
+    parser.add_argument("--template", default="auto", help="the run's data.template")
+    parser.add_argument("--seq-len", type=int, default=512, help="SFT rows: the run's data.seq_len (longer rows are cut)")
+    parser.add_argument("--max-tokens", type=int, default=256, help="raw passages are cut to this many tokens")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from versatune_ds.files import write_json_atomic
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    started = time.perf_counter()
+    pairs = {kind: [item.split("=", 1) for item in getattr(args, kind)] for kind in ("raw", "sft")}
+    names = list(dict.fromkeys(d for kind in pairs.values() for d, _ in kind))
+    domains = Domains.from_names(names)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    sets: dict[str, list[list[Example]]] = {}
+    if pairs["raw"]:
+        sets[args.raw_name] = [raw_examples(tokenizer, [json.loads(x)["text"] for x in Path(f).read_text(encoding="utf-8").splitlines() if x.strip()],
+                                            domains.id_of(d, key="--raw"), args.max_tokens) for d, f in pairs["raw"]]
+    if pairs["sft"]:
+        sets[args.sft_name] = [sft_examples(tokenizer, f, domains, domains.id_of(d, key="--sft"), args.seq_len, template=args.template,
+                                            truncation="truncate") for d, f in pairs["sft"]]
+    model = load_model(args.model)
+    scores = score_domains(model, sets, pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                           batch_size=args.batch_size)
+    doc: dict = {}
+    for set_name, kind in ((args.raw_name, "raw"), (args.sft_name, "sft")):
+        if set_name in scores:
+            doc.update(to_json({set_name: scores[set_name]}, [d for d, _ in pairs[kind]]))
+    doc["seconds"] = time.perf_counter() - started
+    write_json_atomic(args.out, doc)
+    print(json.dumps({s: {d: round(v["loss"], 4) for d, v in doc[s].items()} for s in scores}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ afterwards and scores models per item with bench/domain_eval.py. Public API:
     DOMAINS, DATA, REPO, OUT, RESULTS                 names / paths (DATA honours VERSATUNE_SHARED_DATA)
     BaseSettings(...)                                 frozen settings of the controlled base (model, splits, pretraining)
     ensure_base(work, settings) -> BaseSetup          data splits + the base pretrained to its plateau (cached, resumable)
+    open_base(work) -> BaseSetup                      the base finished in `work` whatever its settings, else ensure_base
     ensure_base_eval(base) -> dict                    the base scored per item on the four held-out sets (cached)
     evaluate_run(base, run_dir) -> dict               a finished run: final model + every kept checkpoint, per item (cached)
     write_run_config(path, base, **sections) -> Path  a run config YAML over the base's SFT train / validation files
@@ -178,6 +179,19 @@ def ensure_base(work: Path, settings: BaseSettings) -> BaseSetup:
     return BaseSetup(work, model_dir, files, info)
 
 
+def open_base(work: Path) -> BaseSetup:
+    """The base finished in `work` (any settings; a smoke test's small one too), or, when there is none yet,
+    the default one built there (hours; resumable). A finished base with other than the default settings is
+    used as it is, with a warning; its settings are in every result."""
+    marker = work / "base.json"
+    if marker.is_file() and (work / "model" / "model.safetensors").is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("key") != settings_key(BaseSettings()):
+            logger.warning("the base in %s was built with other than the default settings (%s)", work, saved["info"]["settings"])
+        return BaseSetup(work, work / "model", saved["files"], saved["info"])
+    return ensure_base(work, BaseSettings())
+
+
 def _count_parameters(model_dir: Path) -> int:
     from safetensors import safe_open
 
@@ -185,8 +199,17 @@ def _count_parameters(model_dir: Path) -> int:
         return int(sum(np.prod(handle.get_slice(k).get_shape()) for k in handle.keys()))
 
 
+_EXAMPLES: dict[str, dict[str, list]] = {}  # tokenized held-out sets per base folder, made once per process
+
+
 def eval_examples(base: BaseSetup) -> dict[str, list]:
     """The four held-out sets as tokenized examples per domain (raw: BOS + passage + EOS; sft: the `simple` template)."""
+    if str(base.work) not in _EXAMPLES:
+        _EXAMPLES[str(base.work)] = _tokenize_eval_sets(base)
+    return _EXAMPLES[str(base.work)]
+
+
+def _tokenize_eval_sets(base: BaseSetup) -> dict[str, list]:
     import domain_eval
     from transformers import AutoTokenizer
 
@@ -227,19 +250,26 @@ def ensure_base_eval(base: BaseSetup) -> dict:
     return json.loads(path.read_text())
 
 
-def evaluate_run(base: BaseSetup, run_dir: Path, *, curve_sets: Sequence[str] = ("raw_test", "sft_test")) -> dict:
-    """A finished run scored per item: final/ on all four sets, and every kept DeepSpeed checkpoint on
-    `curve_sets` (the forgetting curves). Cached in run_dir/domain_eval.json."""
+def evaluate_run(base: BaseSetup, run_dir: Path, *, final_sets: Sequence[str] = ("raw_test", "sft_test"),
+                 curve_sets: Sequence[str] = ("raw_test",)) -> dict:
+    """A finished run scored per item: final/ on `final_sets`, and every kept DeepSpeed checkpoint before the last
+    step on `curve_sets` (the forgetting curves). Cached in run_dir/domain_eval.json (a cached document missing a
+    set asked for now is scored again)."""
     path = Path(run_dir) / "domain_eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if all(s in cached["final"] for s in final_sets):
+            return cached
     started = time.perf_counter()
     examples = eval_examples(base)
-    doc = {"final": score_model(base, Path(run_dir) / "final", examples=examples), "checkpoints": {}}
+    max_steps = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))["train"]["max_steps"]
+    doc = {"final": score_model(base, Path(run_dir) / "final", sets=final_sets, examples=examples), "final_step": int(max_steps),
+           "checkpoints": {}}
     root = Path(run_dir) / "checkpoints"
     tags = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")), key=_tag_step) if root.is_dir() else []
     for tag in tags:
-        doc["checkpoints"][str(_tag_step(tag))] = score_model(base, base.model_dir, (str(root), tag), sets=curve_sets, examples=examples)
+        if curve_sets and _tag_step(tag) != int(max_steps):  # the checkpoint at the last step holds the final model's weights
+            doc["checkpoints"][str(_tag_step(tag))] = score_model(base, base.model_dir, (str(root), tag), sets=curve_sets, examples=examples)
     doc["seconds"] = time.perf_counter() - started
     path.write_text(json.dumps(doc))
     return doc

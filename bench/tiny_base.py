@@ -6,8 +6,8 @@ pretrained by bench/base_pretrain.py on the known skew until every domain's held
 bench/results/<name>.{json,md} and <name>.png (the per-domain curves).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/tiny_base.py            # hours on 2 busy cores; resumable
-    OMP_NUM_THREADS=1 .venv/bin/python bench/tiny_base.py --work-dir /tmp/b --max-steps 20 --eval-every 5 \\
-        --min-steps 10 --results-name tiny_base_smoke                             # a smoke test (a minute)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tiny_base.py --work-dir /tmp/b --max-steps 10 --eval-every 5 --min-steps 10 \\
+        --raw-val 10 --raw-test 15 --sft-val 8 --sft-test 15 --sft-train 100 --results-name tiny_base_smoke   # a smoke base
 
 bench/quality_tiny.py and bench/expansion.py call the same `ensure_base` with the default settings, so they reuse
 what this command built (bench/out/tiny_base); killing it loses at most one evaluation interval.
@@ -33,8 +33,9 @@ def settings_from_args(args: argparse.Namespace) -> qc.BaseSettings:
     defaults = qc.BaseSettings()
     pretrain = dataclasses.replace(defaults.pretrain, **{k: v for k, v in (
         ("max_steps", args.max_steps), ("min_steps", args.min_steps), ("eval_every", args.eval_every)) if v is not None})
-    model = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers)) if v is not None}
-    return dataclasses.replace(defaults, pretrain=pretrain, **model)
+    sizes = (("hidden", args.hidden), ("layers", args.layers), ("raw_val_per_domain", args.raw_val), ("raw_test_per_domain", args.raw_test),
+             ("sft_val_per_domain", args.sft_val), ("sft_test_per_domain", args.sft_test), ("sft_train_per_domain", args.sft_train))
+    return dataclasses.replace(defaults, pretrain=pretrain, **{k: v for k, v in sizes if v is not None})
 
 
 def main() -> int:
@@ -45,6 +46,8 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--hidden", type=int, default=None)
     parser.add_argument("--layers", type=int, default=None)
+    for flag in ("raw-val", "raw-test", "sft-val", "sft-test", "sft-train"):
+        parser.add_argument(f"--{flag}", type=int, default=None, help="split size per domain (default: BaseSettings; smaller for smoke tests)")
     parser.add_argument("--results-name", default="tiny_base")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -83,7 +86,8 @@ def markdown(out: dict, name: str) -> str:
     last = curve[-1]
     rows = []
     for d, domain in enumerate(names):
-        gap = f"{at_rule['gap'][d] * 100:.1f} %" if at_rule is not None and "gap" in at_rule else "n/a"
+        gain = f"{at_rule['doubling_gain'][d] * 100:.1f} %" if at_rule is not None and "doubling_gain" in at_rule else "n/a"
+        gap = f"{at_rule['gap'][d] * 100:.1f} % / {gain}" if at_rule is not None and "gap" in at_rule else "n/a"
         plateau = f"{at_rule['plateau'][d]:.3f}" if at_rule is not None and "plateau" in at_rule else "n/a"
         rows.append(f"| {domain} | {out['truth'][domain]:.2f} | {first['loss'][d]:.3f} | "
                     f"{at_rule['loss'][d] if at_rule else float('nan'):.3f} | {plateau} | {gap} | {last['loss'][d]:.3f} ± {last['se'][d]:.3f} | "
@@ -105,16 +109,17 @@ SFT splits (`simple`-template text). **Schedule**: AdamW (β 0.9/0.95, weight de
 tokens per step, warmup {p['warmup_steps']} steps to lr {p['lr']}, constant, then a linear decay to 0 over {p['cooldown_fraction']:.0%} of the steps so far.
 
 **Plateau rule** (bench/base_pretrain.py): every {p['eval_every']} steps the raw_val loss of each domain ({s['raw_val_per_domain']} passages
-never trained on) is measured; L(t) = c + a·t^(−α) is fitted per domain to the evaluations of the last two doublings of steps; the
-plateau is c (or the lowest loss once the curve rises); the decay starts when (latest − plateau)/plateau ≤ {p['tolerance']:.0%} for every
-domain, after at least {p['min_steps']} steps (cap {p['max_steps']}).
+never trained on) is measured; the plateau is the asymptote c of L(t) = c + a·t^(−α) fitted per domain to every evaluation after the
+warmup (or the lowest loss once the curve rises); the decay starts when, for every domain, (latest − plateau)/plateau ≤ {p['tolerance']:.0%}
+**and** the measured gain over the last doubling of steps is ≤ {base_pretrain.doubling_bound(p['tolerance']):.2%} (≤ 5 % left under a power
+law with exponent ≥ {base_pretrain.MIN_EXPONENT}), after at least {p['min_steps']} steps (cap {p['max_steps']}).
 
 **Budget on this machine**: the rule fired at step {plateau_at.get('step')} ({plateau_at.get('tokens', 0) / 1e6:.1f} M tokens,
 {plateau_at.get('seconds', 0) / 3600:.2f} h) — reason: {reason.get(record.get('stop_reason'), record.get('stop_reason'))};
 with the decay: **{record['step']} steps, {record['tokens'] / 1e6:.1f} M tokens, {record['seconds'] / 3600:.2f} h** of wall time
 (1 thread, `nice -n 10`, {record['sessions']} session(s): killed and resumed runs add up).
 
-| domain | share (truth) | raw_val loss, first eval (step {first['step']}) | at the rule | fitted plateau | gap at the rule | after the decay (± SE) | base raw_test loss ± SE | base sft_test loss ± SE |
+| domain | share (truth) | raw_val loss, first eval (step {first['step']}) | at the rule | fitted plateau | gap / doubling gain at the rule | after the decay (± SE) | base raw_test loss ± SE | base sft_test loss ± SE |
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

@@ -13,6 +13,7 @@ from versatune_ds.eval.stats import (
     multi_domain_score,
     non_target_change,
     non_target_degradation,
+    paired_bootstrap_difference,
     paired_bootstrap_gain,
     paired_ratio_difference,
     percent_change,
@@ -119,3 +120,14 @@ def test_fit_plateau_on_a_rising_curve_is_its_minimum():
     assert fit.gap == pytest.approx((3.3 - fit.plateau) / fit.plateau)
     with pytest.raises(ValueError):
         fit_plateau([1.0, 2.0], [3.0, 2.0])
+
+
+def test_paired_bootstrap_difference():
+    a = np.array([3.0, 5.0, 4.0, 6.0])
+    ci = paired_bootstrap_difference(a, a - 2.0, num_bootstrap=500)
+    assert (ci.estimate, ci.low, ci.high) == pytest.approx((2.0, 2.0, 2.0))
+    ci = paired_bootstrap_difference(a, np.zeros(4), num_bootstrap=4000)  # the mean's own interval
+    assert ci.estimate == pytest.approx(4.5)
+    assert 3.0 <= ci.low < 4.5 < ci.high <= 6.0
+    with pytest.raises(ValueError):
+        paired_bootstrap_difference([1.0], [1.0, 2.0])

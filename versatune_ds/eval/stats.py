@@ -16,7 +16,7 @@ Formulas (s_d = a method's score on domain d, b_d = the reference's, D = number 
                                 fine-tuning; NaN when target-only fine-tuning degraded nothing)
 
 Uncertainty (below): `ratio_mean_se` / `paired_ratio_difference` (a token-weighted loss and its standard error
-over items), `paired_bootstrap_gain` (G with a paired bootstrap CI over seeds), `fit_plateau` (where a held-out
+over items), `paired_bootstrap_gain` (G with a paired bootstrap CI over seeds), `paired_bootstrap_difference`, `fit_plateau` (where a held-out
 loss curve is heading).
 """
 
@@ -151,6 +151,33 @@ def paired_bootstrap_gain(
     tail = (1.0 - confidence) / 2.0 * 100.0
     low, high = np.percentile(gains, [tail, 100.0 - tail])
     return BootstrapCI(estimate, float(low), float(high), confidence, num_bootstrap)
+
+
+def paired_bootstrap_difference(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    num_bootstrap: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BootstrapCI:
+    """mean(a − b) over seeds with a paired percentile bootstrap CI (b = zeros: the CI of mean(a) itself).
+
+    For statistics that are not ratios of two scores, e.g. the worst single-domain regression of two
+    strategies in percentage points, or a degradation reduction per seed.
+    """
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"paired_bootstrap_difference: {x.shape} vs {y.shape}; one value per seed for both")
+    if not 0 < confidence < 1:
+        raise ValueError(f"paired_bootstrap_difference: confidence must be in (0, 1), got {confidence}")
+    diff = x - y
+    index = np.random.default_rng(seed).integers(0, diff.size, size=(num_bootstrap, diff.size))
+    means = diff[index].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return BootstrapCI(float(diff.mean()), float(low), float(high), confidence, num_bootstrap)
 
 
 @dataclass(frozen=True)

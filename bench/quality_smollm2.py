@@ -57,6 +57,7 @@ class Task:
     done: Path  # the file whose existence means the task finished earlier
     after: tuple[str, ...] = ()
     fresh_dir: Path | None = None  # removed before a start (a killed training run is redone from scratch)
+    cleanup: Path | None = None  # removed after success (a finished run's DeepSpeed checkpoint: ~2 GB, final/ is the model)
 
 
 def available_memory_gib() -> float:
@@ -114,6 +115,8 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
                 continue
             timings[task.name] = time.perf_counter() - start
             timings_path.write_text(json.dumps(timings, indent=1))
+            if task.cleanup is not None:
+                shutil.rmtree(task.cleanup, ignore_errors=True)
             logger.info("finished %s in %.0f s", task.name, timings[task.name])
     return timings
 
@@ -174,7 +177,7 @@ def train_task(name: str, strategy: str, seed: int, steps: int, work: Path, conf
         overrides += [f"mixture.strategy={strategy}"] + ([f"mixture.distribution={distribution}"] if strategy != "uniform" else [])
     after = () if strategy in ("uniform", "fixed", "proportional") else ("probe",)
     return Task(f"train_{name}", (*qc.CLI, "train", "--config", str(config), *overrides), work / "logs" / f"train_{name}.log",
-                run_dir / "final" / "config.json", after=after, fresh_dir=run_dir)
+                run_dir / "final" / "config.json", after=after, fresh_dir=run_dir, cleanup=run_dir / "checkpoints")
 
 
 def eval_tasks(name: str, model: Path, work: Path, files: dict[str, dict[str, str]], args: argparse.Namespace, after: tuple[str, ...]) -> list[Task]:

@@ -1,29 +1,37 @@
-"""Shared pieces of the controlled-base quality benchmarks (bench/quality_tiny.py, bench/expansion.py).
+"""Shared pieces of the controlled-base quality benchmarks (bench/quality_tiny.py, bench/expansion.py, bench/tiny_base.py).
 
-A benchmark here drives the real CLI (`versatune-ds probe | eval | train`) in subprocesses and reads the
-run directories afterwards. Public API (kept small so another benchmark can import it):
+A benchmark here drives the real CLI (`versatune-ds probe | train`) in subprocesses, reads the run directories
+afterwards and scores models per item with bench/domain_eval.py. Public API:
 
     DOMAINS, DATA, REPO, OUT, RESULTS                 names / paths (DATA honours VERSATUNE_SHARED_DATA)
-    BaseSettings(...)                                 frozen settings of the controlled base model
-    ensure_base(work, settings) -> BaseSetup          pretrain the tiny base on the known skewed mixture (cached)
-    write_run_config(path, base, **sections) -> Path  a run config YAML over the base's SFT train / held-out files
+    BaseSettings(...)                                 frozen settings of the controlled base (model, splits, pretraining)
+    ensure_base(work, settings) -> BaseSetup          data splits + the base pretrained to its plateau (cached, resumable)
+    open_base(work) -> BaseSetup                      the base finished in `work` whatever its settings, else ensure_base
+    ensure_base_eval(base) -> dict                    the base scored per item on the four held-out sets (cached)
+    evaluate_run(base, run_dir) -> dict               a finished run: final model + every kept checkpoint, per item (cached)
+    write_run_config(path, base, **sections) -> Path  a run config YAML over the base's SFT train / validation files
     Job, run_jobs, machine_info, versions, read_jsonl   from bench/common.py (re-exported)
-    eval_losses(run_dir) -> {step: np.ndarray}        per-domain held-out loss by step (metrics.jsonl)
+    eval_losses(run_dir) -> {step: np.ndarray}        per-domain in-loop validation loss by step (metrics.jsonl)
     trained_tokens(run_dir) -> np.ndarray             tokens trained per domain (metrics.jsonl)
     weight_trajectory(run_dir) -> (steps, weights)    share weights over time (mixture.json)
     mean_std(values) -> (mean, std)                   over seeds (std with ddof=1; 0 for one value)
 
-The base model: a tiny Llama whose BPE tokenizer is trained on all raw + sft text (vocabulary only), then
-pretrained from scratch by the loop in bench/probe_fidelity.py ( `pretrain`, imported unchanged) on
-BOS + document + EOS, documents drawn per domain with probe_fidelity.TRUTH (law 40 %, medicine 20 %,
-finance 15 %, science 10 %, code 10 %, general 5 %). A domain's documents are its raw/ passages plus
-its sft/ rows that are neither SFT training rows nor held-out rows, rendered like the `simple` template
-(`### Instruction:` / `### Response:`), so the base knows the SFT format in proportion to the truth.
+**Splits** (per domain, fixed by `BaseSettings.seed`; no row is in two of them):
+- raw/ passages: `raw_val` (the pretraining's plateau rule; choosing a mixture), `raw_test` (reported), the rest
+  is pretraining text;
+- sft/ rows that fit `sft_seq_len`: `sft_val` (the training loop's held-out set: what VersaTune's dynamic rule
+  reads, and what a tuned mixture is chosen on), `sft_test` (reported; nothing reads it during training),
+  `sft_train` (SFT); every other sft/ row is pretraining text, rendered like the `simple` template
+  (`### Instruction:` / `### Response:`), so the base knows the SFT format in proportion to its domain's share.
+
+**The base**: a small Llama whose BPE tokenizer is trained on all raw + sft text (vocabulary only), pretrained
+from scratch by bench/base_pretrain.py on BOS + document + EOS, documents drawn per domain with the known
+skew probe_fidelity.TRUTH (law 40 %, medicine 20 %, finance 15 %, science 10 %, code 10 %, general 5 %), until
+every domain's raw_val loss is within 5 % of its plateau (the rule is documented there), then a short decay.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,9 +43,11 @@ from typing import Sequence
 
 import numpy as np
 import yaml
+from base_pretrain import PretrainSettings
 from common import CLI, DATA, OUT, REPO, RESULTS, Job, machine_info, read_jsonl, run_jobs, versions  # noqa: F401 (re-exported)
 
 DOMAINS: tuple[str, ...] = ("law", "medicine", "finance", "science", "code", "general")  # = DEFAULT_DOMAIN_NAMES
+EVAL_SETS: tuple[str, ...] = ("raw_val", "raw_test", "sft_val", "sft_test")
 
 logger = logging.getLogger("quality_common")
 
@@ -46,26 +56,32 @@ logger = logging.getLogger("quality_common")
 class BaseSettings:
     seed: int = 0
     vocab: int = 2048
-    hidden: int = 128
-    layers: int = 2
-    pretrain_seq_len: int = 256
-    pretrain_batch_size: int = 16
-    pretrain_lr: float = 3e-3
-    pretrain_seconds: float = 300.0  # a cap; on an idle 2-core machine max_steps ends it first
-    pretrain_max_steps: int = 400
-    sft_seq_len: int = 256  # rows that fit (template + BOS/EOS) are eligible for SFT train / held-out
-    heldout_per_domain: int = 40
+    hidden: int = 160
+    layers: int = 3
+    heads: int = 4
+    sft_seq_len: int = 256  # rows that fit (template + BOS/EOS) are eligible for the SFT splits
+    sft_val_per_domain: int = 40
+    sft_test_per_domain: int = 100
     sft_train_per_domain: int = 600
+    raw_val_per_domain: int = 60
+    raw_test_per_domain: int = 100
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
 
 
 @dataclass(frozen=True)
 class BaseSetup:
     work: Path
     model_dir: Path
-    train_files: dict[str, str]
-    heldout_files: dict[str, str]
-    raw_files: dict[str, str]
-    info: dict = field(default_factory=dict)  # truth, pretraining stats, split sizes
+    files: dict[str, dict[str, str]]  # split name (sft_train, sft_val, sft_test, raw_val, raw_test) -> domain -> file
+    info: dict = field(default_factory=dict)  # truth, settings, split sizes, pretraining record
+
+    @property
+    def train_files(self) -> dict[str, str]:
+        return self.files["sft_train"]
+
+    @property
+    def heldout_files(self) -> dict[str, str]:
+        return self.files["sft_val"]
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -79,68 +95,189 @@ def render_simple(row: dict) -> str:
     return f"### Instruction:\n{user}\n\n### Response:\n{row['output']}"
 
 
+def settings_key(settings: BaseSettings) -> str:
+    return hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split(settings: BaseSettings, work: Path, tokenizer: object) -> tuple[dict, list[list[str]], dict]:
+    """Write the per-domain split files; return them, the pretraining documents per domain and the split sizes."""
+    rng = np.random.default_rng([settings.seed, 7])
+    files: dict[str, dict[str, str]] = {name: {} for name in ("sft_train", "sft_val", "sft_test", "raw_val", "raw_test")}
+    docs, sizes = [], {}
+    for d in DOMAINS:
+        raw = [r["text"] for r in read_jsonl(DATA / "raw" / f"{d}.jsonl") if r["text"].strip()]
+        order = rng.permutation(len(raw))
+        cut = (settings.raw_val_per_domain, settings.raw_val_per_domain + settings.raw_test_per_domain)
+        raw_parts = {"raw_val": order[: cut[0]], "raw_test": order[cut[0] : cut[1]], "raw_train": order[cut[1] :]}
+        rows = read_jsonl(DATA / "sft" / f"{d}.jsonl")
+        # +3: BOS, EOS and a margin for the template's token boundaries.
+        lengths = np.array([len(tokenizer.encode(render_simple(r), add_special_tokens=False)) + 3 for r in rows])
+        fits = np.flatnonzero(lengths <= settings.sft_seq_len)
+        fits = fits[rng.permutation(fits.size)]
+        bounds = np.cumsum([settings.sft_val_per_domain, settings.sft_test_per_domain, settings.sft_train_per_domain])
+        sft_parts = {"sft_val": fits[: bounds[0]], "sft_test": fits[bounds[0] : bounds[1]], "sft_train": fits[bounds[1] : bounds[2]]}
+        for name, index in sft_parts.items():
+            files[name][d] = str(work / "data" / name / f"{d}.jsonl")
+            write_jsonl(Path(files[name][d]), [rows[i] for i in sorted(index)])
+        for name in ("raw_val", "raw_test"):
+            files[name][d] = str(work / "data" / name / f"{d}.jsonl")
+            write_jsonl(Path(files[name][d]), [{"text": raw[i]} for i in sorted(raw_parts[name])])
+        used = set(np.concatenate(list(sft_parts.values())).tolist())
+        leftover = [render_simple(r) for i, r in enumerate(rows) if i not in used]
+        docs.append([raw[i] for i in sorted(raw_parts["raw_train"])] + leftover)
+        sizes[d] = {"sft_rows": len(rows), "sft_fit_seq_len": int(fits.size), **{k: int(v.size) for k, v in sft_parts.items()},
+                    "raw_val": int(raw_parts["raw_val"].size), "raw_test": int(raw_parts["raw_test"].size),
+                    "pretrain_raw": int(raw_parts["raw_train"].size), "pretrain_sft_rows": len(leftover)}
+    return files, docs, sizes
+
+
 def ensure_base(work: Path, settings: BaseSettings) -> BaseSetup:
-    """Build (or reuse, when work/base.json matches `settings`) the controlled base model and the data splits."""
+    """Build (or reuse, when work/base.json matches `settings`) the data splits and the pretrained base.
+
+    Pretraining resumes from work/pretrain/state.pt when it was interrupted (same settings)."""
     marker = work / "base.json"
-    key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:16]
+    key = settings_key(settings)
     if marker.is_file():
         saved = json.loads(marker.read_text())
         if saved.get("key") == key and (work / "model" / "model.safetensors").is_file():
             logger.info("reusing the base model in %s", work)
-            return BaseSetup(work, work / "model", saved["train_files"], saved["heldout_files"], saved["raw_files"], saved["info"])
+            return BaseSetup(work, work / "model", saved["files"], saved["info"])
     if not (DATA / "sft").is_dir():
         raise SystemExit(f"the data bundle is not at {DATA} (set VERSATUNE_SHARED_DATA)")
     sys.path.insert(0, str(REPO / "bench"))
-    import probe_fidelity  # the pretraining loop and truth mixture, reused unchanged
+    import base_pretrain
+    import domain_eval
+    from probe_fidelity import TRUTH  # the known skew, one source for both controlled benchmarks
     from transformers import AutoTokenizer
 
     from versatune_ds.tiny_model import build_tiny_model_dir
 
     started = time.perf_counter()
-    raw = {d: [r["text"] for r in read_jsonl(DATA / "raw" / f"{d}.jsonl") if r["text"].strip()] for d in DOMAINS}
-    sft = {d: read_jsonl(DATA / "sft" / f"{d}.jsonl") for d in DOMAINS}
-    vocab_texts = [t for d in DOMAINS for t in raw[d]] + [render_simple(r) for d in DOMAINS for r in sft[d]]
-    model_dir = build_tiny_model_dir(
-        work / "model", vocab_texts, vocab_size=settings.vocab, hidden_size=settings.hidden,
-        num_layers=settings.layers, num_heads=4, seed=settings.seed, chat_template=False,
-    )
+    state_dir = work / "pretrain"
+    model_dir = work / "model"
+    progress = state_dir / "settings.json"
+    if progress.is_file() and json.loads(progress.read_text()).get("key") != key:
+        raise SystemExit(f"{state_dir} holds an interrupted pretraining with other settings; remove {work} to start over")
+    if not (model_dir / "tokenizer.json").is_file():
+        raw_all = [r["text"] for d in DOMAINS for r in read_jsonl(DATA / "raw" / f"{d}.jsonl") if r["text"].strip()]
+        vocab_texts = raw_all + [render_simple(r) for d in DOMAINS for r in read_jsonl(DATA / "sft" / f"{d}.jsonl")]
+        build_tiny_model_dir(model_dir, vocab_texts, vocab_size=settings.vocab, hidden_size=settings.hidden,
+                             num_layers=settings.layers, num_heads=settings.heads, seed=settings.seed, chat_template=False)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    progress.write_text(json.dumps({"key": key, "settings": asdict(settings)}, indent=2))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    rng = np.random.default_rng([settings.seed, 7])
-    train_files, heldout_files, raw_files, docs, split_info = {}, {}, {}, [], {}
-    for d in DOMAINS:
-        rows = sft[d]
-        # +3: BOS, EOS and a margin for the template's token boundaries.
-        lengths = np.array([len(tokenizer.encode(render_simple(r), add_special_tokens=False)) + 3 for r in rows])
-        fits = np.flatnonzero(lengths <= settings.sft_seq_len)
-        fits = fits[rng.permutation(fits.size)]
-        heldout = fits[: settings.heldout_per_domain]
-        train = fits[settings.heldout_per_domain : settings.heldout_per_domain + settings.sft_train_per_domain]
-        used = set(heldout.tolist()) | set(train.tolist())
-        pretrain_rows = [r for i, r in enumerate(rows) if i not in used]
-        train_files[d] = str(work / "data" / "sft_train" / f"{d}.jsonl")
-        heldout_files[d] = str(work / "data" / "heldout" / f"{d}.jsonl")
-        raw_files[d] = str(DATA / "raw" / f"{d}.jsonl")
-        write_jsonl(Path(train_files[d]), [rows[i] for i in sorted(train)])
-        write_jsonl(Path(heldout_files[d]), [rows[i] for i in sorted(heldout)])
-        docs.append(raw[d] + [render_simple(r) for r in pretrain_rows])
-        split_info[d] = {"sft_rows": len(rows), "fit_seq_len": int(fits.size), "heldout": int(heldout.size),
-                         "sft_train": int(train.size), "pretrain_sft_rows": len(pretrain_rows), "pretrain_raw": len(raw[d])}
-    args = argparse.Namespace(
-        device="cpu", seq_len=settings.pretrain_seq_len, lr=settings.pretrain_lr, seed=settings.seed,
-        max_steps=settings.pretrain_max_steps, train_seconds=settings.pretrain_seconds, batch_size=settings.pretrain_batch_size,
-    )
-    training = probe_fidelity.pretrain(model_dir, docs, args)
+    files, docs, sizes = _split(settings, work, tokenizer)
+    heldout = [domain_eval.raw_examples(tokenizer, [r["text"] for r in read_jsonl(files["raw_val"][d])], i, settings.pretrain.seq_len)
+               for i, d in enumerate(DOMAINS)]
+    record = base_pretrain.pretrain(model_dir, docs, TRUTH, heldout, settings.pretrain, seed=settings.seed, state_dir=state_dir)
     info = {
-        "truth": dict(zip(DOMAINS, probe_fidelity.TRUTH.tolist())),
-        "pretraining": training,
-        "settings": asdict(settings),
-        "split": split_info,
-        "seconds": time.perf_counter() - started,
+        "truth": dict(zip(DOMAINS, TRUTH.tolist())), "pretraining": record, "settings": asdict(settings), "split": sizes,
+        "parameters": _count_parameters(model_dir), "seconds_this_session": time.perf_counter() - started,
         "tokenizer_note": "BPE vocabulary trained on all raw + sft text (vocabulary only; no weights see held-out rows)",
     }
-    marker.write_text(json.dumps({"key": key, "train_files": train_files, "heldout_files": heldout_files,
-                                  "raw_files": raw_files, "info": info}, indent=2))
-    return BaseSetup(work, model_dir, train_files, heldout_files, raw_files, info)
+    marker.write_text(json.dumps({"key": key, "files": files, "info": info}, indent=2))
+    return BaseSetup(work, model_dir, files, info)
+
+
+def open_base(work: Path) -> BaseSetup:
+    """The base finished in `work` (any settings; a smoke test's small one too), or, when there is none yet,
+    the default one built there (hours; resumable). A finished base with other than the default settings is
+    used as it is, with a warning; its settings are in every result."""
+    marker = work / "base.json"
+    if marker.is_file() and (work / "model" / "model.safetensors").is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("key") != settings_key(BaseSettings()):
+            logger.warning("the base in %s was built with other than the default settings (%s)", work, saved["info"]["settings"])
+        return BaseSetup(work, work / "model", saved["files"], saved["info"])
+    return ensure_base(work, BaseSettings())
+
+
+def _count_parameters(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="np") as handle:
+        return int(sum(np.prod(handle.get_slice(k).get_shape()) for k in handle.keys()))
+
+
+_EXAMPLES: dict[str, dict[str, list]] = {}  # tokenized held-out sets per base folder, made once per process
+
+
+def eval_examples(base: BaseSetup) -> dict[str, list]:
+    """The four held-out sets as tokenized examples per domain (raw: BOS + passage + EOS; sft: the `simple` template)."""
+    if str(base.work) not in _EXAMPLES:
+        _EXAMPLES[str(base.work)] = _tokenize_eval_sets(base)
+    return _EXAMPLES[str(base.work)]
+
+
+def _tokenize_eval_sets(base: BaseSetup) -> dict[str, list]:
+    import domain_eval
+    from transformers import AutoTokenizer
+
+    from versatune_ds.domains import Domains
+
+    tokenizer = AutoTokenizer.from_pretrained(base.model_dir)
+    domains = Domains.from_names(DOMAINS)
+    seq_len = base.info["settings"]["sft_seq_len"]
+    out = {}
+    for name in EVAL_SETS:
+        if name.startswith("raw"):
+            out[name] = [domain_eval.raw_examples(tokenizer, [r["text"] for r in read_jsonl(base.files[name][d])], i,
+                                                  base.info["settings"]["pretrain"]["seq_len"]) for i, d in enumerate(DOMAINS)]
+        else:
+            out[name] = [domain_eval.sft_examples(tokenizer, base.files[name][d], domains, i, seq_len) for i, d in enumerate(DOMAINS)]
+    return out
+
+
+def score_model(base: BaseSetup, model_dir: Path, checkpoint: tuple[str, str] | None = None, *, sets: Sequence[str] = EVAL_SETS,
+                examples: dict | None = None) -> dict:
+    import domain_eval
+    from transformers import AutoTokenizer
+
+    examples = examples if examples is not None else eval_examples(base)
+    pad = AutoTokenizer.from_pretrained(base.model_dir).pad_token_id
+    model = domain_eval.load_model(model_dir, checkpoint)
+    return domain_eval.to_json(domain_eval.score_domains(model, {s: examples[s] for s in sets}, pad_token_id=pad), DOMAINS)
+
+
+def ensure_base_eval(base: BaseSetup) -> dict:
+    """The base scored per item on raw_val, raw_test, sft_val and sft_test (cached in work/base_eval.json)."""
+    path = base.work / "base_eval.json"
+    if not path.is_file():
+        started = time.perf_counter()
+        doc = score_model(base, base.model_dir)
+        doc["seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(doc))
+    return json.loads(path.read_text())
+
+
+def evaluate_run(base: BaseSetup, run_dir: Path, *, final_sets: Sequence[str] = ("raw_test", "sft_test"),
+                 curve_sets: Sequence[str] = ("raw_test",)) -> dict:
+    """A finished run scored per item: final/ on `final_sets`, and every kept DeepSpeed checkpoint before the last
+    step on `curve_sets` (the forgetting curves). Cached in run_dir/domain_eval.json (a cached document missing a
+    set asked for now is scored again)."""
+    path = Path(run_dir) / "domain_eval.json"
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if all(s in cached["final"] for s in final_sets):
+            return cached
+    started = time.perf_counter()
+    examples = eval_examples(base)
+    max_steps = yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"))["train"]["max_steps"]
+    doc = {"final": score_model(base, Path(run_dir) / "final", sets=final_sets, examples=examples), "final_step": int(max_steps),
+           "checkpoints": {}}
+    root = Path(run_dir) / "checkpoints"
+    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")), key=_tag_step) if root.is_dir() else []
+    for tag in tags:
+        if curve_sets and _tag_step(tag) != int(max_steps):  # the checkpoint at the last step holds the final model's weights
+            doc["checkpoints"][str(_tag_step(tag))] = score_model(base, base.model_dir, (str(root), tag), sets=curve_sets, examples=examples)
+    doc["seconds"] = time.perf_counter() - started
+    path.write_text(json.dumps(doc))
+    return doc
+
+
+def _tag_step(tag: str) -> int:
+    digits = "".join(ch for ch in tag if ch.isdigit())
+    return int(digits) if digits else -1
 
 
 def write_run_config(path: Path, base: BaseSetup, **sections: dict) -> Path:
@@ -148,7 +285,7 @@ def write_run_config(path: Path, base: BaseSetup, **sections: dict) -> Path:
     config: dict = {
         "model": {"path": str(base.model_dir), "dtype": "fp32"},
         "data": {
-            "domains": [{"name": d, "train": [base.train_files[d]], "heldout": [base.heldout_files[d]], "raw": [base.raw_files[d]]}
+            "domains": [{"name": d, "train": [base.train_files[d]], "heldout": [base.heldout_files[d]], "raw": [str(DATA / "raw" / f"{d}.jsonl")]}
                         for d in DOMAINS],
             "seq_len": base.info["settings"]["sft_seq_len"],
             "packing": True,
@@ -231,22 +368,6 @@ def ensure_probe(base: BaseSetup, *, num_samples: int, max_new_tokens: int, seed
         "max_new_tokens": max_new_tokens, "mean_generated_tokens": doc.get("mean_generated_tokens"),
         "classifier_heldout_accuracy": report["accuracy"], "seconds": seconds,
     }
-
-
-def ensure_base_eval(base: BaseSetup) -> dict:
-    """`versatune-ds eval --model <base> --config ...` on the held-out files (cached): the 'before' losses."""
-    out = base.work / "base_eval.json"
-    config = write_run_config(base.work / "configs" / "eval.yaml", base, dist={"master_port": 29691}, eval={"micro_batch_size": 20})
-    seconds = None
-    if not out.is_file():
-        seconds = run_jobs([Job("base_eval", ("eval", "--model", str(base.model_dir), "--config", str(config), "--out", str(out)),
-                                base.work / "logs" / "base_eval.log", threads=2)], 1)["base_eval"]
-        (base.work / "base_eval_seconds.json").write_text(json.dumps({"seconds": seconds}))
-    if seconds is None and (base.work / "base_eval_seconds.json").is_file():
-        seconds = json.loads((base.work / "base_eval_seconds.json").read_text())["seconds"]
-    doc = json.loads(out.read_text())
-    losses = np.array([doc["domains"][d]["loss"] for d in DOMAINS])
-    return {"losses": losses, "tokens": {d: doc["domains"][d]["tokens"] for d in DOMAINS}, "seconds": seconds}
 
 
 def record_sft_wall(work: Path, jobs: Sequence[Job], job_seconds: dict[str, float], seconds: float, parallel: int) -> dict:

@@ -9,10 +9,15 @@ import pytest
 
 from versatune_ds.eval.stats import (
     degradation_reduction,
+    fit_plateau,
     multi_domain_score,
     non_target_change,
     non_target_degradation,
+    paired_bootstrap_difference,
+    paired_bootstrap_gain,
+    paired_ratio_difference,
     percent_change,
+    ratio_mean_se,
     relative_gain,
 )
 
@@ -44,3 +49,85 @@ def test_non_target_sums_and_degradation_reduction():
     assert degradation_reduction(36.0, 14.0) == pytest.approx(61.111111, abs=1e-5)  # (36-14)/36
     assert non_target_degradation([10.0, 5.0, 1.0], 0) == 0.0  # gains are no degradation
     assert math.isnan(degradation_reduction(0.0, 3.0))
+
+
+def test_ratio_mean_se_by_hand():
+    # Items (sum, tokens): (2, 1), (6, 2), (4, 1): L = 12 / 4 = 3; residuals s - L n = -1, 0, 1;
+    # SE = sqrt(3/2 * 2) / 4 = sqrt(3) / 4.
+    mean, se = ratio_mean_se([2.0, 6.0, 4.0], [1, 2, 1])
+    assert mean == pytest.approx(3.0)
+    assert se == pytest.approx(math.sqrt(3.0) / 4.0)
+    # Equal token counts: the plain standard error of the per-item means.
+    values = np.array([1.0, 2.0, 4.0, 7.0])
+    mean, se = ratio_mean_se(values * 5, np.full(4, 5.0))
+    assert mean == pytest.approx(values.mean())
+    assert se == pytest.approx(values.std(ddof=1) / 2.0)
+    assert math.isnan(ratio_mean_se([1.0], [2.0])[1])
+    with pytest.raises(ValueError):
+        ratio_mean_se([1.0, 2.0], [0.0, 0.0])
+
+
+def test_paired_difference_removes_shared_item_noise():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(20, 200, size=300).astype(float)
+    difficulty = rng.gamma(2.0, 1.5, size=300)  # item-to-item variation shared by both models
+    base = difficulty * counts
+    after = (difficulty + 0.05) * counts + rng.normal(0, 0.01, size=300) * counts
+    diff, se = paired_ratio_difference(after, base, counts)
+    assert diff == pytest.approx(0.05, abs=0.005)
+    _, unpaired_se = ratio_mean_se(after, counts)
+    assert se < unpaired_se / 20  # the pairing is what makes a small rise detectable
+    with pytest.raises(ValueError):
+        paired_ratio_difference([1.0, 2.0], [1.0], [1.0, 1.0])
+
+
+def test_paired_bootstrap_gain_interval():
+    baseline = np.array([2.0, 2.2, 1.9, 2.1, 2.05])
+    better = baseline * 0.9  # exactly 10 % lower on every seed: every resample gives -10 %
+    ci = paired_bootstrap_gain(better, baseline, num_bootstrap=2000)
+    assert ci.estimate == pytest.approx(-10.0)
+    assert ci.low == pytest.approx(-10.0) and ci.high == pytest.approx(-10.0)
+    # Seed noise larger than the effect: the interval covers 0 and contains the estimate.
+    noisy = baseline + np.array([0.3, -0.3, 0.2, -0.25, 0.0])
+    ci = paired_bootstrap_gain(noisy, baseline, num_bootstrap=4000, seed=1)
+    assert ci.low < 0 < ci.high
+    assert ci.low <= ci.estimate <= ci.high
+    # Same seed, same interval; one seed, a degenerate interval.
+    assert paired_bootstrap_gain(noisy, baseline, num_bootstrap=4000, seed=1) == ci
+    single = paired_bootstrap_gain([1.1], [1.0], num_bootstrap=100)
+    assert single.low == pytest.approx(10.0) and single.high == pytest.approx(10.0)
+    with pytest.raises(ValueError):
+        paired_bootstrap_gain([1.0, 2.0], [1.0], num_bootstrap=10)
+
+
+def test_fit_plateau_recovers_a_power_law_and_flags_the_gap():
+    steps = np.arange(1, 41) * 100.0
+    curve = 2.5 + 4.0 * steps ** -0.5
+    fit = fit_plateau(steps, curve)
+    assert fit.asymptote == pytest.approx(2.5, rel=0.01)
+    assert fit.exponent == pytest.approx(0.5, rel=0.05)
+    assert fit.gap == pytest.approx((curve[-1] - fit.plateau) / fit.plateau)
+    assert fit.gap == pytest.approx(4.0 * 4000**-0.5 / 2.5, rel=0.05)  # 2.5 % above the plateau
+    # Early on (first 5 points), the latest loss is still far from where the curve is heading.
+    assert fit_plateau(steps[:5], curve[:5]).gap > 0.05
+
+
+def test_fit_plateau_on_a_rising_curve_is_its_minimum():
+    steps = np.arange(1, 11) * 50.0
+    losses = np.array([4.0, 3.5, 3.2, 3.1, 3.05, 3.06, 3.1, 3.15, 3.2, 3.3])  # overfitting after step 250
+    fit = fit_plateau(steps, losses)
+    assert fit.plateau <= 3.05
+    assert fit.gap == pytest.approx((3.3 - fit.plateau) / fit.plateau)
+    with pytest.raises(ValueError):
+        fit_plateau([1.0, 2.0], [3.0, 2.0])
+
+
+def test_paired_bootstrap_difference():
+    a = np.array([3.0, 5.0, 4.0, 6.0])
+    ci = paired_bootstrap_difference(a, a - 2.0, num_bootstrap=500)
+    assert (ci.estimate, ci.low, ci.high) == pytest.approx((2.0, 2.0, 2.0))
+    ci = paired_bootstrap_difference(a, np.zeros(4), num_bootstrap=4000)  # the mean's own interval
+    assert ci.estimate == pytest.approx(4.5)
+    assert 3.0 <= ci.low < 4.5 < ci.high <= 6.0
+    with pytest.raises(ValueError):
+        paired_bootstrap_difference([1.0], [1.0, 2.0])

@@ -1,0 +1,216 @@
+"""Summary, plots and table of bench/quality_smollm2.py (SmolLM2-135M-Instruct, MCQ + held-out losses).
+
+Per strategy and seed: MCQ accuracy per domain on the fixed subset, per-item sft_test and raw_test losses
+(bench/domain_eval.py). S per seed; G vs uniform and vs the tuned static mix with a paired bootstrap CI over seeds
+(versatune_ds.eval.stats); the worst single-domain regression vs the base (MCQ: the largest accuracy drop in
+points; raw_test: the largest % loss rise); forgotten domains (raw_test rise > 3 paired SE over passages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import quality_common as qc
+from domain_eval import from_json
+from quality_report import PAPER_G_PCT, Z_FORGOTTEN, ci_dict
+
+from versatune_ds.eval import stats
+
+SCORES = ("mcq", "sft_test", "raw_test")  # accuracy (higher = better), then two losses (lower = better)
+
+
+def _mcq(path: Path, key: str = "acc") -> np.ndarray:
+    doc = json.loads(path.read_text())
+    return np.array([doc["domains"][d][key] for d in qc.DOMAINS], dtype=np.float64)
+
+
+def _losses(doc: dict, name: str) -> np.ndarray:
+    return np.array([doc[name][d]["loss"] for d in qc.DOMAINS])
+
+
+def verdict(ci: stats.BootstrapCI, higher_is_better: bool) -> str:
+    if ci.low > 0:
+        return "better" if higher_is_better else "worse"
+    if ci.high < 0:
+        return "worse" if higher_is_better else "better"
+    return "not resolved"
+
+
+def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, timings: dict, distribution: Path, selection: dict | None) -> dict:
+    evals = work / "evals"
+    base_losses = json.loads((evals / "losses_base.json").read_text())
+    base = {"mcq": _mcq(evals / "mcq_base.json"), "mcq_norm": _mcq(evals / "mcq_base.json", "acc_norm"),
+            "sft_test": _losses(base_losses, "sft_test"), "raw_test": _losses(base_losses, "raw_test")}
+    n_items = json.loads((evals / "mcq_base.json").read_text())["domains"]
+    strategies: dict[str, dict] = {}
+    per_seed: dict[str, dict[str, np.ndarray]] = {}
+    for strategy, names in runs.items():
+        values = {"mcq": np.array([_mcq(evals / f"mcq_{n}.json") for n in names]),
+                  "mcq_norm": np.array([_mcq(evals / f"mcq_{n}.json", "acc_norm") for n in names])}
+        docs = [json.loads((evals / f"losses_{n}.json").read_text()) for n in names]
+        for metric in ("sft_test", "raw_test"):
+            values[metric] = np.array([_losses(doc, metric) for doc in docs])
+        entry: dict = {"runs": names}
+        per_seed[strategy] = {}
+        for metric, array in values.items():
+            higher = metric.startswith("mcq")
+            change = (array - base[metric]) * 100 if higher else (array - base[metric]) / base[metric] * 100
+            worst = change.min(axis=1) if higher else change.max(axis=1)  # MCQ: points lost; losses: % risen
+            per_seed[strategy][metric] = array.mean(axis=1)
+            per_seed[strategy][f"worst_{metric}"] = worst
+            mean, std = qc.mean_std(array)
+            entry[metric] = {"mean": dict(zip(qc.DOMAINS, mean.tolist())), "std_over_seeds": dict(zip(qc.DOMAINS, std.tolist())),
+                             "per_seed": [dict(zip(qc.DOMAINS, v.tolist())) for v in array], "S_per_seed": array.mean(axis=1).tolist(),
+                             "S_mean": float(array.mean()), "worst_vs_base_per_seed": worst.tolist(), "worst_vs_base_mean": float(worst.mean())}
+        forgotten = []
+        for doc in docs:
+            pairs = zip(from_json(doc, "raw_test", qc.DOMAINS), from_json(base_losses, "raw_test", qc.DOMAINS))
+            z = [(lambda diff, se: diff / se if se > 0 else 0.0)(*stats.paired_ratio_difference(m.sums, b.sums, b.counts)) for m, b in pairs]
+            forgotten.append([d for d, v in zip(qc.DOMAINS, z) if v > Z_FORGOTTEN])
+        entry["forgotten_per_seed"] = forgotten
+        entry["train_wall_s"] = [timings.get(f"train_{n}") for n in names]
+        tokens = np.array([qc.trained_tokens(work / "runs" / n) for n in names])
+        entry["trained_tokens_total_mean"] = float(tokens.sum(axis=1).mean())
+        entry["trained_token_share_mean"] = dict(zip(qc.DOMAINS, (tokens / tokens.sum(axis=1, keepdims=True)).mean(axis=0).tolist()))
+        steps, weights = qc.weight_trajectory(work / "runs" / names[0])
+        entry["weights_seed0"] = {"steps": steps, "weights": weights.tolist()}
+        entry["sft_val_curve_seed0"] = {str(k): v.tolist() for k, v in qc.eval_losses(work / "runs" / names[0]).items()}
+        strategies[strategy] = entry
+    comparisons: dict[str, dict] = {}
+    for reference in ("uniform", "tuned_static"):
+        if reference not in per_seed:
+            continue
+        comparisons[reference] = {}
+        for strategy in per_seed:
+            if strategy == reference:
+                continue
+            ref, mine = per_seed[reference], per_seed[strategy]
+            entry = {}
+            for metric in ("mcq", "mcq_norm", "sft_test", "raw_test"):
+                gain = stats.paired_bootstrap_gain(mine[metric], ref[metric])
+                entry[f"G_{metric}"] = {**ci_dict(gain), "verdict": verdict(gain, metric.startswith("mcq"))}
+                diff = stats.paired_bootstrap_difference(mine[f"worst_{metric}"], ref[f"worst_{metric}"])
+                entry[f"worst_{metric}_diff"] = {**ci_dict(diff), "verdict": verdict(diff, metric.startswith("mcq"))}
+            comparisons[reference][strategy] = entry
+    doc = json.loads(distribution.read_text())
+    order = [doc["domains"].index(d) for d in qc.DOMAINS]
+    return {
+        "command": "OMP_NUM_THREADS=1 python bench/quality_smollm2.py " + " ".join(_argv()),
+        "settings": {k: v for k, v in vars(args).items()}, "domains": list(qc.DOMAINS), "seeds": args.seeds, "strategies": list(runs),
+        "probe": {key: [doc[key][i] for i in order] for key in ("p", "ci_low", "ci_high") if key in doc},
+        "base": {k: v.tolist() for k, v in base.items()}, "mcq_items_per_domain": {d: n_items[d]["n"] for d in qc.DOMAINS},
+        "mcq_subset": "per domain file: sorted(np.random.default_rng(0).permutation(rows)[:N]) (versatune_ds.eval.mcq.load_mcq_file)",
+        "results": strategies, "comparisons": comparisons, "tuned_static": selection,
+        "timings": timings, "machine": qc.machine_info(), "versions": qc.versions(),
+        "formulas": {"S": "S = (1/6) * sum_d s_d per seed", "G": "G = (S - S_ref) / S_ref * 100 of the seed means; paired bootstrap 95 % CI over seeds",
+                     "paper": f"G = +{PAPER_G_PCT} % (VersaTune vs uniform domain weights, benchmark accuracy; arXiv 2411.11266)"},
+    }
+
+
+def _argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+def plot(results: dict, path: Path, dynamic: tuple[str, ...]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(16, 8))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2)
+    x = np.arange(len(qc.DOMAINS))
+    names = ["base", *results["strategies"]]
+    width = 0.8 / len(names)
+    panels = (("mcq", "MCQ acc (fixed subset; higher is better)"), ("sft_test", "sft_test loss (lower is better)"),
+              ("raw_test", "raw_test loss (lower is better)"))
+    for ax, (metric, title) in zip(axes.flat, panels):
+        for i, name in enumerate(names):
+            if name == "base":
+                ax.bar(x + i * width, results["base"][metric], width, label="base", color="lightgray")
+            else:
+                r = results["results"][name][metric]
+                ax.bar(x + i * width, [r["mean"][d] for d in qc.DOMAINS], width, yerr=[r["std_over_seeds"][d] for d in qc.DOMAINS],
+                       capsize=2, label=f"{name} (S={r['S_mean']:.3f})")
+        ax.set_xticks(x + 0.4 - width / 2, qc.DOMAINS, rotation=20)
+        ax.set_title(f"{title}, ± std over seeds", fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0, 0].axhline(0.25, color="grey", linestyle=":", linewidth=1)
+    ax = axes[1, 1]
+    for name, run in results["results"].items():
+        if name in dynamic:
+            weights = np.array(run["weights_seed0"]["weights"])
+            for d, domain in enumerate(qc.DOMAINS):
+                ax.step(run["weights_seed0"]["steps"], weights[:, d], where="post", color=f"C{d}", label=f"{name}: {domain}")
+    ax.set_title("dynamic strategies: token-share weights (first seed)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=90)
+
+
+def _ci(c: dict, unit: str = "%") -> str:
+    return f"{c['estimate']:+.2f} {unit} [{c['low']:+.2f}, {c['high']:+.2f}]"
+
+
+def markdown(results: dict, name: str) -> str:
+    s, res = results["settings"], results["results"]
+    fmt = lambda values: " | ".join(f"{v:.3f}" for v in values)  # noqa: E731
+    n = min(results["mcq_items_per_domain"].values())
+    headline = []
+    for reference in ("uniform", "tuned_static"):
+        c = results["comparisons"].get(reference, {}).get("versatune")
+        if c:
+            headline.append(f"- **versatune vs {reference}**: MCQ S G = {_ci(c['G_mcq'])} → **{c['G_mcq']['verdict']}** (paper: +{PAPER_G_PCT} %); "
+                            f"sft_test S G = {_ci(c['G_sft_test'])} → **{c['G_sft_test']['verdict']}**; raw_test S G = {_ci(c['G_raw_test'])} → "
+                            f"**{c['G_raw_test']['verdict']}**; worst MCQ domain, versatune − {reference}: {_ci(c['worst_mcq_diff'], 'pp')} → "
+                            f"**{c['worst_mcq_diff']['verdict']}**.")
+    rows = []
+    for strategy, r in res.items():
+        cu = results["comparisons"].get("uniform", {}).get(strategy)
+        ct = results["comparisons"].get("tuned_static", {}).get(strategy)
+        cell = lambda c, k: _ci(c[k]) if c else "—"  # noqa: E731
+        walls = [w for w in r["train_wall_s"] if w]
+        rows.append(f"| {strategy} | {r['mcq']['S_mean']:.4f} | {cell(cu, 'G_mcq')} | {cell(ct, 'G_mcq')} | {r['sft_test']['S_mean']:.4f} | "
+                    f"{cell(cu, 'G_sft_test')} | {r['raw_test']['S_mean']:.4f} | {cell(cu, 'G_raw_test')} | {r['mcq']['worst_vs_base_mean'] * 1:+.1f} pp | "
+                    f"{r['raw_test']['worst_vs_base_mean']:+.2f} % | {sorted({d for x in r['forgotten_per_seed'] for d in x}) or '—'} | "
+                    f"{r['trained_tokens_total_mean']:.0f} | {np.mean(walls) if walls else float('nan'):.0f} |")
+    per_domain = [f"| base | {metric} | {fmt(results['base'][metric])} |" for metric in ("mcq", "sft_test", "raw_test")]
+    for strategy, r in res.items():
+        per_domain += [f"| {strategy} | {metric} | " + " | ".join(f"{r[metric]['mean'][d]:.3f} ± {r[metric]['std_over_seeds'][d]:.3f}" for d in qc.DOMAINS) + " |"
+                       for metric in ("mcq", "sft_test", "raw_test")]
+    tuned = results.get("tuned_static")
+    tuned_text = (f"Tuned static mix: {len(tuned['mixtures'])} Dirichlet(α·1) mixtures, each trained {tuned['candidate_steps']} steps with seed "
+                  f"{tuned['selection_seed']}; mean sft_val loss at the last step: {', '.join(f'{v:.4f}' for v in tuned['validation_scores'])}; "
+                  f"chosen #{tuned['best']} ({', '.join(f'{d} {w:.2f}' for d, w in tuned['weights'].items())})." if tuned else "")
+    walls = {k: v for k, v in results["timings"].items()}
+    total = sum(walls.values())
+    probe = results["probe"]
+    return "\n".join([
+        f"# Quality, tier 2: SmolLM2-135M-Instruct on ../shared/data ({name})", "",
+        f"Command: `{results['command']}`; machine {results['machine']}; versions {results['versions']}; seeds {results['seeds']}.", "",
+        "## Does VersaTune beat uniform mixing, and the tuned static mix?", "",
+        *(headline or ["- (versatune or a baseline was not run)"]), "",
+        f"G = (S − S_ref) / S_ref × 100, S = mean over the 6 domains per seed; paired bootstrap 95 % CI over the {len(results['seeds'])} seeds "
+        f"(with 2 seeds it spans the two seeds' values only: a floor on the uncertainty, not a full interval). MCQ accuracy: positive G = "
+        f"better (the paper's sign; the paper reports G = +{PAPER_G_PCT} % vs uniform); losses: negative G = better. With {n} items per "
+        f"domain the binomial SE of one domain's accuracy is ≈ {np.sqrt(0.1875 / n):.3f} and of S ≈ {np.sqrt(0.1875 / (6 * n)):.3f}.", "",
+        "| strategy | S MCQ acc | G_mcq vs uniform | G_mcq vs tuned | S sft_test | G_sft vs uniform | S raw_test | G_raw vs uniform | worst MCQ domain vs base | worst raw_test rise vs base | forgotten (z > 3) | tokens | train wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "## Setup", "",
+        f"SFT per run: {s['steps']} steps x micro-batch {s['micro_batch']} x {s['grad_accum']} accumulation x packed seq_len {s['seq_len']} "
+        f"(one process, ZeRO-3, AdamW lr {s['lr']} cosine, warmup {s['warmup']}); dynamic strategies re-weight every {s['eval_every']} steps on "
+        f"sft_val ({s['heldout']} rows per domain); sampler block {s['block_size']} rows. sft_test: {s['test_rows']} rows per domain (chat "
+        f"template, response tokens); raw_test: {s['raw_test']} passages per domain (≤ {s['raw_max_tokens']} tokens). MCQ: {n} items per domain, "
+        f"fixed subset ({results['mcq_subset']}), log-likelihood, lm-eval cloze prompt, `acc`.", "",
+        f"Probe ({s['probe_samples']} generations x {s['probe_new_tokens']} tokens): p = {dict(zip(qc.DOMAINS, (round(v, 3) for v in probe['p'])))}.",
+        tuned_text, "",
+        "| model | metric | " + " | ".join(qc.DOMAINS) + " |", "|---|---|" + "---|" * len(qc.DOMAINS), *per_domain, "",
+        f"Wall times (s; machine shared, {s['parallel']} tasks at a time), total {total:.0f} s = {total / 3600:.1f} h of task time: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()) + ".", "",
+        f"![per-domain MCQ, losses, weights]({name}.png)", "",
+    ])

@@ -130,3 +130,20 @@ def versions() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     return {"python": platform.python_version(), **{name: version(name) for name in ("torch", "deepspeed", "transformers")},
             "git_commit": commit}
+
+
+def smollm2_config(work: Path, model_dir: str | Path) -> Path:
+    """configs/shared_data_smollm2.yaml with absolute paths: the model, and the data at DATA (VERSATUNE_SHARED_DATA)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
+    config["model"]["path"] = str(model_dir)
+    config["data"]["truncation"] = "truncate"  # the shared data has examples longer than its seq_len 512
+    for domain in config["data"]["domains"]:
+        for key in ("train", "raw"):
+            if key in domain:
+                domain[key] = str(DATA / Path(domain[key]).relative_to("../../shared/data"))
+    path = work / "smollm2.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

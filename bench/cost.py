@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_results  # noqa: E402
+from common import smollm2_config, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out" / "cost"
@@ -52,23 +52,6 @@ def shared_data_overrides() -> list[str]:
     for i, name in enumerate(DOMAINS):
         out += [f"data.domains[{i}].name={name}", f"data.domains[{i}].train={DATA / 'sft' / f'{name}.jsonl'}"]
     return out
-
-
-def smollm2_config(work: Path, model_dir: Path) -> Path:
-    """configs/shared_data_smollm2.yaml with absolute paths: the model, and the data at DATA (VERSATUNE_SHARED_DATA)."""
-    import yaml
-
-    config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
-    config["model"]["path"] = str(model_dir)
-    config["data"]["truncation"] = "truncate"  # the shared data has examples longer than its seq_len 512
-    for domain in config["data"]["domains"]:
-        for key in ("train", "raw"):
-            if key in domain:
-                domain[key] = str(DATA / Path(domain[key]).relative_to("../../shared/data"))
-    path = work / "smollm2.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def base_config(work: Path) -> Path:

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import DATA, OUT, REPO, RESULTS, cpu_env, machine_info, read_jsonl, run_logged, versions, write_results  # noqa: E402
+from common import OUT, REPO, RESULTS, cpu_env, machine_info, read_jsonl, run_logged, smollm2_config, versions, write_results  # noqa: E402
 
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
 logger = logging.getLogger("mixture_fidelity")
@@ -52,23 +52,6 @@ def distribution_file(work: Path) -> Path:
     path = work / "distribution.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"domains": list(DOMAINS), "p": p}))
-    return path
-
-
-def smollm2_config(work: Path, model_dir: str) -> Path:
-    """configs/shared_data_smollm2.yaml with absolute paths: the model, and the data at DATA (VERSATUNE_SHARED_DATA)."""
-    import yaml
-
-    config = yaml.safe_load((REPO / "configs" / "shared_data_smollm2.yaml").read_text())
-    config["model"]["path"] = model_dir
-    config["data"]["truncation"] = "truncate"  # the shared data has examples longer than its seq_len 512
-    for domain in config["data"]["domains"]:
-        for key in ("train", "raw"):
-            if key in domain:
-                domain[key] = str(DATA / Path(domain[key]).relative_to("../../shared/data"))
-    path = work / "smollm2.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

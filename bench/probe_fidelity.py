@@ -32,7 +32,9 @@ from versatune_ds.config.loading import load_config
 from versatune_ds.config.schema import DEFAULT_DOMAIN_NAMES
 from versatune_ds.dist import DistEnv
 from versatune_ds.probe import pipeline as probe
-from versatune_ds.probe.classifier import TfidfDomainClassifier, evaluate_classifier
+from versatune_ds.probe.corpus import classifier_corpus
+from versatune_ds.probe.reports import evaluate_classifier
+from versatune_ds.probe.training import load_classifier
 from versatune_ds.tiny_model import build_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,13 +140,11 @@ def main() -> int:
     probe_seconds = time.perf_counter() - probe_start
 
     # Classifier accuracy on the raw texts it did not train on (same split as the probe used).
-    from versatune_ds.data.prepare import domain_texts
-
-    texts, labels = domain_texts(cfg.data)
-    _, test_ids = probe.heldout_split(np.asarray(labels), probe.HELDOUT_FRACTION, cfg.train.seed)
-    raw_set = {t for d in docs for t in d}
-    raw_test = [i for i in test_ids if texts[i] in raw_set]
-    classifier = TfidfDomainClassifier.load(work / "run" / "probe" / "classifier")
+    corpus = classifier_corpus(cfg.data)  # the texts the probe's classifier trained and held out, in its order
+    texts, labels = corpus.texts, corpus.labels.tolist()
+    _, test_ids = probe.heldout_split(corpus.labels, probe.HELDOUT_FRACTION, cfg.train.seed)
+    raw_test = [i for i in test_ids if corpus.is_raw[i]]
+    classifier = load_classifier(work / "run" / "probe" / "classifier", domain_names=names)
     raw_report = evaluate_classifier(classifier, [texts[i] for i in raw_test], [labels[i] for i in raw_test])
     generations = [json.loads(line) for line in (work / "run" / "probe" / "generations.jsonl").read_text().splitlines()]
     probs = classifier.predict_proba([g["text"] for g in generations])

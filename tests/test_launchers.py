@@ -270,7 +270,10 @@ def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: 
     return run_dir
 
 
-@pytest.mark.parametrize("name", ["torchrun.sh", "local_deepspeed.sh", "slurm_single_node.sbatch"])
+# torchrun.sh in CI; the other two in the slow tier (local_deepspeed.sh goes through the same supervisor, and the real
+# Slurm cluster runs slurm_single_node.sbatch's signal path in tests/test_slurm.py): ~2 min less CI.
+@pytest.mark.parametrize("name", ["torchrun.sh", pytest.param("local_deepspeed.sh", marks=pytest.mark.slow),
+                                  pytest.param("slurm_single_node.sbatch", marks=pytest.mark.slow)])
 def test_a_signal_to_the_launcher_checkpoints_stops_everything_and_the_rerun_is_exact(
     name: str, tmp_path: Path, tiny_model_dir: Path, uninterrupted_run: Path
 ) -> None:

@@ -347,7 +347,8 @@ def signal_midrun_then_wait_for_the_requeued_run(cluster: SlurmCluster, job: int
     return info
 
 
-@pytest.mark.parametrize("launcher", ["slurm_single_node.sbatch", "slurm_deepspeed.sbatch"])
+# slurm_deepspeed.sbatch's variant is in the slow tier: the same supervisor and requeue path, ~1 min less CI.
+@pytest.mark.parametrize("launcher", ["slurm_single_node.sbatch", pytest.param("slurm_deepspeed.sbatch", marks=pytest.mark.slow)])
 def test_one_node_signal_checkpoints_requeues_and_matches_uninterrupted(
     one_node: SlurmCluster, tiny_model_dir: Path, one_node_reference: Path, tmp_path: Path, launcher: str
 ) -> None:

@@ -157,15 +157,16 @@ def _activation_bytes(model: ModelShape, run: RunShape, element: int) -> float:
     """Tensors kept for backward by one micro-batch (Llama-style decoder layers, sdpa attention).
 
     Per token and layer, measured on SmolLM2's shapes (bench: 2 vs 8 layers, fresh processes): 8 x hidden for the
-    norms, projections, rotary and attention output, 4 x intermediate for the gated MLP, and with packed rows
-    (a block-diagonal mask: sdpa takes its math path on the CPU) the attention weights, heads x seq_len; with
-    gradient checkpointing 6 x hidden per layer (the layer input and what the checkpoint wrapper keeps) plus one
-    layer recomputed during backward.
+    norms, projections, rotary and attention output, 4 x intermediate for the gated MLP; with gradient
+    checkpointing 6 x hidden per layer (the layer input and what the checkpoint wrapper keeps) plus one layer
+    recomputed during backward. No attention weights: sdpa's fused kernels keep none, on GPUs and, since torch
+    2.3, on the CPU too, also with the block-diagonal mask of packed rows (torch 2.13, counted with
+    saved_tensors_hooks: a 4096-token row saves q, k, v, the output and the mask, not heads x 4096 x 4096); the
+    mask itself is counted once per micro-batch.
     """
     tokens = run.seq_len * run.micro_batch
     cpu = run.device == "cpu"
-    attention = model.heads * run.seq_len if cpu else 0  # flash / memory-efficient kernels on GPUs keep no weights
-    per_layer = (8 * model.hidden + 4 * model.intermediate + attention) * tokens * element
+    per_layer = (8 * model.hidden + 4 * model.intermediate) * tokens * element
     if run.gradient_checkpointing:
         kept_hidden = CPU_CHECKPOINTED_HIDDEN if cpu else GPU_CHECKPOINTED_HIDDEN
         kept = model.layers * kept_hidden * model.hidden * tokens * element + per_layer  # + one layer recomputed

@@ -300,7 +300,8 @@ def main() -> int:
     parser.add_argument("--distribution", default=None, help="a distribution.json for the versatune runs (default: uniform)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["overhead", "probe", "flops"])
     parser.add_argument("--rerun-train-throughput", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where cost.{json,md} go (a smoke test: elsewhere)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where <results-name>.{json,md} go (a smoke test: elsewhere)")
+    parser.add_argument("--results-name", default="cost", help="e.g. cost_overhead for a run with --skip probe flops")
     parser.add_argument("--work", type=Path, default=OUT)
     parser.add_argument("--worker", nargs=3, default=None, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
@@ -334,8 +335,8 @@ def main() -> int:
     results["train_throughput"] = json.loads(throughput.read_text()) if throughput.is_file() else None
     results["load_avg_end"] = load_avg()
     results["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
-    write_results("cost", results, markdown(results, args), folder=args.out)
-    print((args.out / "cost.md").read_text())
+    write_results(args.results_name, results, markdown(results, args), folder=args.out)
+    print((args.out / f"{args.results_name}.md").read_text())
     return 0
 
 

@@ -372,7 +372,8 @@ def markdown(r: dict, args: argparse.Namespace) -> str:
              f"--smollm2-steps {args.smollm2_steps} --models {' '.join(args.models)}"
              + (f" --smollm2-micro-batch {args.smollm2_micro_batch}" if args.smollm2_micro_batch else "")
              + (f" --skip {' '.join(args.skip)}" if args.skip else "")
-             + (f" --smollm2-run-dir {args.smollm2_run_dir}" if args.smollm2_run_dir else "") + "`", "",
+             + (f" --smollm2-run-dir {args.smollm2_run_dir}" if args.smollm2_run_dir else "")
+             + (f" --results-name {args.results_name}" if args.results_name != "cost" else "") + "`", "",
              f"{r['nproc']} CPU cores shared with other jobs; load average at start {r['load_avg_start']}, at end {r['load_avg_end']} "
              "(a loaded machine: compare ratios, not absolute times). One torch thread per process. "
              f"Dense fp32 matmul (1024², best of rounds): {mm['1_thread'] / 1e9:.1f} GFLOP/s at 1 thread, {mm['2_threads'] / 1e9:.1f} at 2 threads "

@@ -312,16 +312,19 @@ def test_load_tokenizer_sets_pad_and_passes_options(tmp_path, tiny_model_dir, mo
         load_tokenizer(type(cfg.model)(path=str(tmp_path / "nothing")))
 
 
-def test_domain_texts(tmp_path) -> None:
+def test_classifier_corpus_texts(tmp_path) -> None:
+    from versatune_ds.probe.corpus import classifier_corpus
+
     raw = _write_jsonl(tmp_path / "raw.jsonl", [{"text": "raw passage"}, {"text": "  "}])
     chats = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}]
     cfg = _config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(raw)), _domain(tmp_path, "b", chats)])
-    texts, ids = data.domain_texts(cfg.data)
+    corpus = classifier_corpus(cfg.data)
+    texts, ids = corpus.texts, corpus.labels.tolist()
     assert texts == ["Question number 1?\ncontext\nanswer 1", "raw passage", "S\nU\nA"]
     assert ids == [0, 0, 1]
     bad_raw = _write_jsonl(tmp_path / "bad_raw.jsonl", [{"body": "x"}])
     with pytest.raises(UserError, match=r"bad_raw\.jsonl:1: a raw text row needs a string field 'text'"):
-        data.domain_texts(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(bad_raw))]).data)
+        classifier_corpus(_config(tmp_path, [_domain(tmp_path, "a", [_alpaca(1)], raw=str(bad_raw))]).data)
 
 
 def test_tokenize_sft_file(tmp_path, tokenizer) -> None:

@@ -33,11 +33,10 @@ from transformers import PreTrainedTokenizerBase
 
 from versatune_ds.config.schema import DataConfig, DomainConfig
 from versatune_ds.data.cache import CACHE_VERSION, Tokenized, cache_lock, read_cache, write_cache
-from versatune_ds.data.conversation import Conversation, plain_text
 from versatune_ds.data.diagnostics import Diagnostics
 from versatune_ds.data.packing import IGNORE_INDEX, Example, Row, pack_examples, rows_without_packing
 from versatune_ds.data.records import read_records
-from versatune_ds.data.sources import expand_source, file_hash, read_raw_texts
+from versatune_ds.data.sources import expand_source, file_hash
 from versatune_ds.data.templates import ChatTemplate, resolve_template
 from versatune_ds.data.tokenization import process_rank, tokenize_records
 from versatune_ds.data.tokenizer import tokenizer_fingerprint
@@ -250,23 +249,3 @@ def tokenize_sft_file(
     return tokenized.examples(domain_id)
 
 
-def domain_texts(data_cfg: DataConfig) -> tuple[list[str], list[int]]:
-    """Plain texts and domain ids of every domain's training sources (all turn contents) and its `raw` sources
-    (field `text`), for training the probe classifier."""
-    texts: list[str] = []
-    ids: list[int] = []
-    for domain_id, domain in enumerate(data_cfg.domains):
-        key = f"data.domains[{domain_id}]"
-        diagnostics = Diagnostics()
-        files, _ = domain_files(domain, key)
-        records = read_records(files, domain, data_cfg, key, diagnostics, limit=data_cfg.max_examples_per_domain)
-        domain_texts_ = [plain_text(Conversation(r.messages, r.tools)) for r in records]
-        for i, source in enumerate(domain.raw):
-            for file in expand_source(source, f"{key}.raw[{i}]"):
-                domain_texts_.extend(read_raw_texts(file, data_cfg.on_bad_row, diagnostics.skipped, data_cfg.max_row_bytes))
-        log_diagnostics(diagnostics, domain.name)
-        if not domain_texts_:
-            raise UserError(f"{key}: domain {domain.name!r} has no text to train the classifier on; add rows")
-        texts.extend(domain_texts_)
-        ids.extend([domain_id] * len(domain_texts_))
-    return texts, ids

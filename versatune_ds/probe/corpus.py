@@ -1,6 +1,6 @@
 """The classifier's training texts: every domain's SFT rows and raw passages, with their parts.
 
-Like data.prepare.domain_texts (same files, same row handling, same messages), but each SFT row also keeps its
+Every SFT row keeps, besides its plain text (all turn contents joined with a newline), its
 turns as separate parts (`segments`), which the style augmentation trains on one at a time; a raw passage has
 no parts. `fingerprint` identifies the corpus, so a saved classifier is reused only for the texts it was
 trained on.

@@ -164,7 +164,7 @@ def _training_arguments(cls: Any, cfg: Any, spec: dict, ds_config: dict, **extra
         per_device_train_batch_size=train.micro_batch_size, gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_steps=int(spec["steps"]) + 1, learning_rate=train.learning_rate, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=train.weight_decay, adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2,
-        adam_epsilon=train.adam_eps, max_grad_norm=train.max_grad_norm, optim="adamw_torch",  # ours: torch AdamW
+        adam_epsilon=train.adam_eps, max_grad_norm=train.max_grad_norm, optim="adamw_torch_fused",  # ours: torch AdamW, fused (the HF default too)
         bf16=spec["dtype"] == "bf16", fp16=False, gradient_checkpointing=cfg.model.gradient_checkpointing,
         logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         seed=train.seed, **extra,

@@ -11,7 +11,9 @@ to train_step start: batch draw + collation, forward, loss, backward, optimizer,
 
 Named ranges (torch.profiler.record_function) are opened around what we want to see, without editing the
 library: the forward of each module family (forward pre-hooks put before DeepSpeed's, post-hooks after, so a
-family's range holds its ZeRO-3 gathers, which are ranges of their own); the loss (`token_loss_sum`); the
+family's range holds its ZeRO-3 gathers, which are ranges of their own); the loss (`token_loss_sum` on the plain
+path; `linear_cross_entropy_sum` on the chunked one: output-layer matmuls, cross-entropy and their gradients at the
+loss positions, all inside the output layer's forward, so "backward: loss" is then only the gradient's rescale); the
 backward, the engine step and the optimizer step; ZeRO-3's parameter gathers (`fetch_sub_module`), releases
 (`release_sub_module`), gradient reduce-scatter (`reduce_independent_p_g_buckets_and_remove_grads`, the
 epilogue), the gradient norm and the AdamW update; our metrics collectives (`dist.all_reduce_sum`), the
@@ -121,13 +123,17 @@ def install_ranges() -> None:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
     import versatune_ds.dist
-    import versatune_ds.engine.train_engine
+    import versatune_ds.engine.chunked_loss
+    import versatune_ds.engine.losses
     import versatune_ds.train
     from versatune_ds.log import MetricsLogger, TrainProgress
 
     for owner, name, label in (
         (versatune_ds.train, "next_micro_batches", "collate"),
-        (versatune_ds.engine.train_engine, "token_loss_sum", "loss"),
+        # The plain path's cross-entropy over full logits, and the chunked path's (output layer + loss + their
+        # gradients, all computed inside the output layer's forward at the loss positions only).
+        (versatune_ds.engine.losses, "token_loss_sum", "loss"),
+        (versatune_ds.engine.chunked_loss, "linear_cross_entropy_sum", "loss"),
         (versatune_ds.dist, "all_reduce_sum", "metrics_collective"),
         (MetricsLogger, "log", "metrics_log"),
         (TrainProgress, "update", "metrics_log"),

@@ -34,12 +34,13 @@ from transformers import PreTrainedTokenizerBase
 from versatune_ds import dist
 from versatune_ds.config.identity import config_to_dict, config_to_yaml
 from versatune_ds.config.schema import RunConfig
-from versatune_ds.data.packing import Example, collate_rows
+from versatune_ds.data.packing import Example, collate_flat, collate_rows
 from versatune_ds.data.prepare import PreparedData, log_data_sources, prepare_data
 from versatune_ds.data.tokenizer import load_tokenizer
 from versatune_ds.domains import Domains
 from versatune_ds.engine import checkpoint, resume_checks
 from versatune_ds.engine.ds_config import build_ds_config
+from versatune_ds.engine.document_attention import model_reads_documents, use_document_attention
 from versatune_ds.engine.export import export_from_engine
 from versatune_ds.engine.memory import preflight_warning
 from versatune_ds.engine.models import check_position_limit, load_inference_model, load_model, zero_stage
@@ -78,7 +79,10 @@ class TrainSummary:
 
 def deepspeed_engine(cfg: RunConfig, ds_config: dict) -> TrainingEngine:
     """The real engine: the model partitioned at load under ZeRO-3, a client AdamW, DeepSpeed around it."""
-    return TrainEngine(cfg.train, load_model(cfg.model, ds_config=ds_config), ds_config, total_steps=cfg.train.max_steps)
+    model = load_model(cfg.model, ds_config=ds_config)
+    if cfg.data.padding_free:
+        use_document_attention(model)  # else (or where it cannot) the batches stay padded
+    return TrainEngine(cfg.train, model, ds_config, total_steps=cfg.train.max_steps)
 
 
 def run_training(
@@ -163,6 +167,10 @@ def _train(
 
     # 4. The engine; restore a checkpoint.
     engine = engine_factory(cfg, ds_config)
+    # The same model on every rank, so every rank decides the same.
+    padding_free = cfg.data.padding_free and model_reads_documents(engine.module)
+    accum = ds_config["gradient_accumulation_steps"]
+    logger.info("training batches: %s", "padding-free (each micro-batch's rows end to end)" if padding_free else "padded rows")
     step = 0
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(engine, resume_from, env)
@@ -222,7 +230,7 @@ def _train(
     try:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
-            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, ds_config["gradient_accumulation_steps"])
+            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, accum, flat=padding_free)
             result = engine.train_step(micro_batches)
             # One all_reduce per step: the per-domain token counts and the stop / wall-clock flags (preemption.py).
             summed = dist.all_reduce_sum(np.concatenate([
@@ -294,14 +302,14 @@ def _train(
 # Pieces of the loop
 
 
-def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: int) -> tuple[np.ndarray, list, list]:
-    """This rank's rows of the next global batch as (ids [rows, 2], rows, `accum` collated micro-batches)."""
+def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: int, *, flat: bool = False) -> tuple[np.ndarray, list, list]:
+    """This rank's rows of the next global batch as (ids [rows, 2], rows, `accum` collated micro-batches), each
+    padding-free with `flat` (`collate_flat`: its rows end to end), else padded (`collate_rows`)."""
     ids = sampler.next_batch()
     rows = [data.per_domain[d].train_rows[i] for d, i in ids]
-    micro_batches = [
-        collate_rows(rows[k * micro : (k + 1) * micro], pad_token_id=data.pad_token_id, packed=data.packed) for k in range(accum)
-    ]
-    return ids, rows, micro_batches
+    chunks = [rows[k * micro : (k + 1) * micro] for k in range(accum)]
+    pad = data.pad_token_id
+    return ids, rows, [collate_flat(c) if flat else collate_rows(c, pad_token_id=pad, packed=data.packed) for c in chunks]
 
 
 def finish_stop(run_dir: Path, step: int, signal_name: str, lock: RunDirLock, env: dist.DistEnv) -> None:

@@ -94,6 +94,10 @@ class DataConfig:
     dir: str | None = None  # where `<name>.jsonl` is looked up for domains given by name only
     seq_len: int = 1024
     packing: bool = True
+    # Lay each training micro-batch's rows end to end as one sequence: no compute on pad positions. Needs an
+    # attention that keeps examples apart without a mask (sdpa or flash-attention on the model types of
+    # engine.document_attention); others keep padded rows, said in a log line.
+    padding_free: bool = True
     # auto (the tokenizer's chat template, else `simple` with a warning) | chat_template | a catalogue name
     # (llama3, qwen2.5, mistral, gemma, alpaca; built in: simple, chatml) | a path to a .jinja file
     template: str = "auto"

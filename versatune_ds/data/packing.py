@@ -155,6 +155,21 @@ def collate_rows(rows: Sequence[Row], *, pad_token_id: int, packed: bool, pad_to
     return out
 
 
+def collate_flat(rows: Sequence[Row]) -> dict[str, torch.Tensor]:
+    """The rows laid end to end as one `[1, T]` sequence (T = their total length): no pad position at all.
+
+    `position_ids` restart at 0 at every example (the rows' own), which is where an attention that reads
+    documents (engine.document_attention, flash-attention) cuts; labels are the rows' own, so every example's
+    tokens and loss positions are exactly those of `collate_rows`. Rows stay whole and in order, so
+    `labels.reshape(-1)` is the rows' labels concatenated.
+    """
+    return {
+        "input_ids": torch.from_numpy(np.concatenate([r.input_ids for r in rows]).astype(np.int64)[None]),
+        "labels": torch.from_numpy(np.concatenate([r.labels for r in rows]).astype(np.int64)[None]),
+        "position_ids": torch.from_numpy(np.concatenate([r.position_ids for r in rows]).astype(np.int64)[None]),
+    }
+
+
 def dummy_row(pad_token_id: int, domain_id: int = -1) -> Row:
     """A one-token row with no loss tokens: filler so every rank runs the same number of forward passes."""
     return Row(

@@ -167,10 +167,8 @@ def _train(
 
     # 4. The engine; restore a checkpoint.
     engine = engine_factory(cfg, ds_config)
-    # The same model on every rank, so every rank decides the same.
-    padding_free = cfg.data.padding_free and model_reads_documents(engine.module)
-    accum = ds_config["gradient_accumulation_steps"]
-    logger.info("training batches: %s", "padding-free (each micro-batch's rows end to end)" if padding_free else "padded rows")
+    padding_free = cfg.data.padding_free and model_reads_documents(engine.module)  # the same model: every rank agrees
+    logger.info("training batches: %s", "padding-free (rows end to end)" if padding_free else "padded rows")
     step = 0
     if resume_from is not None:
         saved = checkpoint.load_checkpoint(engine, resume_from, env)
@@ -230,7 +228,7 @@ def _train(
     try:
         while step < cfg.train.max_steps:
             started = time.perf_counter()
-            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, accum, flat=padding_free)
+            ids, rows, micro_batches = next_micro_batches(sampler, data, cfg.train.micro_batch_size, ds_config["gradient_accumulation_steps"], flat=padding_free)
             result = engine.train_step(micro_batches)
             # One all_reduce per step: the per-domain token counts and the stop / wall-clock flags (preemption.py).
             summed = dist.all_reduce_sum(np.concatenate([
@@ -308,8 +306,7 @@ def next_micro_batches(sampler: Sampler, data: PreparedData, micro: int, accum: 
     ids = sampler.next_batch()
     rows = [data.per_domain[d].train_rows[i] for d, i in ids]
     chunks = [rows[k * micro : (k + 1) * micro] for k in range(accum)]
-    pad = data.pad_token_id
-    return ids, rows, [collate_flat(c) if flat else collate_rows(c, pad_token_id=pad, packed=data.packed) for c in chunks]
+    return ids, rows, [collate_flat(c) if flat else collate_rows(c, pad_token_id=data.pad_token_id, packed=data.packed) for c in chunks]
 
 
 def finish_stop(run_dir: Path, step: int, signal_name: str, lock: RunDirLock, env: dist.DistEnv) -> None:

@@ -114,6 +114,8 @@ def test_padding_masks_and_generation_are_plain_sdpa() -> None:
     mask[2, 10:] = 0  # right padding
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, reference(input_ids=ids, attention_mask=mask).logits)
+        # No mask and no positions: transformers passes one shared row of positions for the whole batch.
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
         a = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         b = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(a, b)

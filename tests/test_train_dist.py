@@ -51,7 +51,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(base: Path, tiny_model_dir: Path) -> tuple[Path, Path]:
     """ZeRO-3 under torchrun, uninterrupted: the run every other one is compared with."""
     config, run_dir = _config(base, "reference", tiny_model_dir, checkpoint={"every": 8})
-    _train(config)
+    (base / "reference" / "stdout.txt").write_text(_train(config))
     return config, run_dir
 
 
@@ -113,6 +113,20 @@ def test_deepspeed_launcher_gives_the_same_run(base: Path, tiny_model_dir: Path,
     _train(config, "deepspeed")
     assert loss_curve(run_dir) == loss_curve(reference[1])
     assert read_trace(run_dir, 1) == read_trace(reference[1], 1)
+
+
+def test_padded_batches_give_the_same_run_as_padding_free(base: Path, tiny_model_dir: Path, reference: tuple[Path, Path]) -> None:
+    """The reference trains padding-free (the default); padded rows must see the same rows and give the same losses."""
+    assert "training batches: padding-free" in (base / "reference" / "stdout.txt").read_text()
+    config, run_dir = _config(base, "padded", tiny_model_dir, checkpoint={"every": 8}, export={"at_end": False},
+                              data={"padding_free": False})
+    assert "training batches: padded rows" in _train(config)
+    assert read_trace(run_dir, 0) == read_trace(reference[1], 0) and read_trace(run_dir, 1) == read_trace(reference[1], 1)
+    padded, flat = loss_curve(run_dir), loss_curve(reference[1])
+    assert sorted(padded) == sorted(flat)
+    np.testing.assert_allclose([padded[s] for s in sorted(padded)], [flat[s] for s in sorted(flat)], rtol=1e-4)
+    for step, losses in eval_losses(run_dir).items():
+        np.testing.assert_allclose(list(losses.values()), list(eval_losses(reference[1])[step].values()), rtol=1e-4)
 
 
 def test_resume_after_kill_9_twice_is_exact(

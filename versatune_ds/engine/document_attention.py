@@ -34,6 +34,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 DOCUMENT_SDPA = "sdpa_documents"
+_SPANS_ATTR = "_versatune_document_spans"
 # `enable_gqa` (key/value heads shared by groups of query heads, without copies) came with torch 2.5.
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 # Attention implementations that read example boundaries from position restarts without a dense mask.
@@ -104,7 +105,7 @@ class _SpansCache:
 
 def document_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the `(start, end)` of every document: a document starts wherever the position is 0 (and at 0)."""
-    rows = position_ids.reshape(-1, position_ids.shape[-1]).cpu()  # one host sync per forward (cached per tensor)
+    rows = position_ids.reshape(-1, position_ids.shape[-1]).cpu()  # a host sync, once per layer and forward
     spans = []
     for row in rows:
         length = int(row.shape[0])
@@ -149,8 +150,14 @@ def document_sdpa_attention(
     )
     if not per_document:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    cache = module.__dict__.setdefault("_versatune_spans", _SpansCache())  # per layer, so no state is shared
+    cache = module.__dict__.get(_SPANS_ATTR)
+    if cache is None:  # one per attention module: nothing is shared between models or processes
+        cache = module.__dict__[_SPANS_ATTR] = _SpansCache()
     spans = cache.spans_of(position_ids)
+    if len(spans) != query.shape[0]:
+        if len(spans) != 1:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        spans = spans * query.shape[0]  # one row of positions shared by the batch (transformers' default arange)
     window = kwargs.get("sliding_window")
     if query.shape[1] != key.shape[1] and not _SDPA_HAS_GQA:
         groups = query.shape[1] // key.shape[1]

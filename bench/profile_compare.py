@@ -5,8 +5,8 @@
 
 `--before` (default: the commit before the chunked loss, padding-free batches and the fused AdamW) is unpacked
 with `git archive` into bench/out/profile_compare/before and its own bench/profile_step.py is run there, on this
-checkout's model folders and data; then this checkout's profile_step runs on the same rows. Both profile the same
-steps of the same sampler order. Results: bench/results/profile_compare.{json,md}. A measurement: quiet machine.
+checkout's model folders and data; then this checkout's profile_step runs on the same rows (each commit's own
+sampler draws the batches). Results: bench/results/profile_compare.{json,md}. A measurement: quiet machine.
 
 Row names are profile_step's. One difference in what a row holds: before, "loss (cross-entropy)" is the cross-entropy
 over full logits and the output layer is its own row; after, "loss" holds the chunked loss (output-layer matmuls,
@@ -65,10 +65,13 @@ def run_after(args: argparse.Namespace) -> dict:
 
 def markdown(doc: dict) -> str:
     lines = ["# One training step before and after the performance work", "",
-             f"bench/profile_step.py at `{doc['before_commit']}` (before) and at this checkout (after), the same rows, "
-             f"sampler order, seq_len {doc['setup']['seq_len']}, micro-batch {doc['setup']['micro_batch_size']} per rank, "
-             "2 ranks x 1 thread, gloo, fp32, ZeRO-3 (`ds_configs/zero3.json`). Rank 0's self time per step by range; "
-             "'step' = wall time per step without the profiler (the warm-up steps) and with it (the profiled window).", ""]
+             f"bench/profile_step.py at `{doc['before_commit']}` (before) and at this checkout (after) on the same selected "
+             f"rows, seq_len {doc['setup']['seq_len']}, micro-batch {doc['setup']['micro_batch_size']} per rank, 2 ranks x 1 "
+             "thread, gloo, fp32, ZeRO-3 (`ds_configs/zero3.json`). Each commit's own sampler draws the batches, and the "
+             "sampler changed in between, so the steps compared hold different rows (with their own token counts): a "
+             "single row of the table moves with that, and the profiled window is short. Rank 0's self time per step by "
+             "range; 'step' = wall time per step without the profiler (the warm-up steps) and with it (the profiled "
+             "window). bench/peer_throughput.py is the steadier throughput figure.", ""]
     for name in doc["models"]:
         before, after = doc["models"][name]["before"], doc["models"][name]["after"]
         sb, sa = before["unprofiled_wall_s_per_step"], after["unprofiled_wall_s_per_step"]

@@ -97,6 +97,38 @@ def test_packed_rows_match_examples_alone_on_gpu(tiny_model_dir: Path) -> None:
                 offset += n
 
 
+def test_padding_free_batch_matches_padded_rows_on_gpu(tiny_model_dir: Path) -> None:
+    """Padding-free batches (collate_flat) on CUDA: sdpa_documents, and flash-attention 2 where it is installed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    from versatune_ds.data.packing import Example, collate_flat, collate_rows, pack_examples
+    from versatune_ds.engine.document_attention import use_document_attention
+
+    rng = np.random.default_rng(1)
+    implementations = ["sdpa"] + (["flash_attention_2"] if is_flash_attn_2_available() else [])
+    for attn in implementations:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa", dtype=torch.bfloat16).cuda().eval()
+        vocab = model.config.vocab_size
+        examples = []
+        for i, n in enumerate([13, 5, 21, 9, 30, 17]):
+            ids = rng.integers(10, vocab, size=n).astype(np.int64)
+            examples.append(Example(index=i, domain_id=0, input_ids=ids, labels=ids.copy()))
+        rows = pack_examples(examples, seq_len=40)
+        padded = collate_rows(rows, pad_token_id=0, packed=True)
+        with torch.no_grad():
+            logits = model(input_ids=padded["input_ids"].cuda(), position_ids=padded["position_ids"].cuda(), use_cache=False).logits
+        expected = torch.cat([logits[b, : r.num_tokens] for b, r in enumerate(rows)]).float()
+        if attn == "sdpa":
+            assert use_document_attention(model)
+        else:
+            model.set_attn_implementation(attn)
+        flat = collate_flat(rows)
+        with torch.no_grad():
+            got = model(input_ids=flat["input_ids"].cuda(), position_ids=flat["position_ids"].cuda(), use_cache=False).logits[0].float()
+        torch.testing.assert_close(got, expected, rtol=5e-2, atol=5e-2, msg=attn)
+
+
 def test_zero3_bf16_train_on_one_gpu_then_export_reloads(tiny_model_dir: Path, tmp_path: Path) -> None:
     """`versatune-ds train` on CUDA: NCCL, bf16 by default, ZeRO-3; the loss falls and the export reloads."""
     run_dir = tmp_path / "run"

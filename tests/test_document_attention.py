@@ -144,3 +144,20 @@ def test_collate_flat_keeps_rows_whole_and_in_order() -> None:
     assert torch.equal(flat["labels"][0], real)
     assert torch.equal(flat["position_ids"][0], torch.from_numpy(np.concatenate([r.position_ids for r in rows])))
     assert "attention_mask" not in flat
+
+
+def test_document_boundaries_are_found_once_per_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    import versatune_ds.engine.document_attention as document_attention
+
+    calls = []
+    real = document_attention.document_spans
+    monkeypatch.setattr(document_attention, "document_spans", lambda positions: calls.append(1) or real(positions))
+    model = _tiny("llama")
+    assert model.config.num_hidden_layers == 2
+    use_document_attention(model)
+    flat = collate_flat(_rows([23, 9, 17]))
+    with torch.no_grad():
+        model(input_ids=flat["input_ids"], position_ids=flat["position_ids"], use_cache=False)
+        assert len(calls) == 1  # not once per layer
+        model(input_ids=flat["input_ids"], position_ids=flat["position_ids"].clone(), use_cache=False)
+    assert len(calls) == 2  # a new batch's positions are read again

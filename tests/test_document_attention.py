@@ -71,11 +71,15 @@ def test_flat_batch_gives_the_padded_layouts_logits(model_type: str) -> None:
     assert not torch.allclose(across, expected, atol=1e-4)
 
 
-def test_flat_batch_gives_the_same_loss_and_gradients_through_the_chunked_loss() -> None:
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_flat_batch_gives_the_same_loss_and_gradients_through_the_chunked_loss(checkpointing: bool) -> None:
     rows = _rows([23, 9, 17, 31, 5, 12, 40, 3])
     results = []
     for flat in (False, True):
         model = _tiny("llama")
+        if checkpointing:  # the recomputed forward must cut the documents as the first one did
+            model.train()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if flat:
             use_document_attention(model)
         batch = collate_flat(rows) if flat else collate_rows(rows, pad_token_id=0, packed=True)

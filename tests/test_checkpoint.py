@@ -108,8 +108,11 @@ def test_changed_config_is_refused_listing_the_keys(tmp_path: Path) -> None:
     state = resume_checks.config_state(_cfg(tmp_path))
     assert resume_checks.check_config_unchanged(state, _cfg(tmp_path), allow_change=False, where="c") == []
     # Keys that do not change results (logging, checkpoint cadence, run dir) may change.
-    same = _cfg(tmp_path, "checkpoint.every=7", "train.log_every=3", "logging.tensorboard=true")
+    same = _cfg(tmp_path, "checkpoint.every=7", "train.log_every=3", "logging.tensorboard=true", "data.padding_free=false")
     assert resume_checks.check_config_unchanged(state, same, allow_change=False, where="c") == []
+    # A checkpoint written before data.padding_free existed resumes.
+    older = {"config": {**state["config"], "data": {k: v for k, v in state["config"]["data"].items() if k != "padding_free"}}}
+    assert resume_checks.check_config_unchanged(older, _cfg(tmp_path), allow_change=False, where="c") == []
     changed = _cfg(tmp_path, "train.learning_rate=0.5", "mixture.block_size=32")
     with pytest.raises(UserError) as error:
         resume_checks.check_config_unchanged(state, changed, allow_change=False, where="c")

@@ -29,6 +29,13 @@ BEFORE_COMMIT = "db988cf"  # main before the chunked loss (issue 14), padding-fr
 WORK = OUT / "profile_compare"
 
 
+def profile_command(script: Path, args: argparse.Namespace, results_name: str) -> list[str]:
+    """The same profile_step invocation for both trees: models, window, data and model folders."""
+    return [sys.executable, str(script), "--models", *args.models, "--warmup", str(args.warmup),
+            "--profile-steps", str(args.profile_steps), "--data-dir", args.data_dir, "--tiny-dir", args.tiny_dir,
+            "--smollm2-dir", args.smollm2_dir, "--results-name", results_name]
+
+
 def run_before(commit: str, args: argparse.Namespace) -> dict:
     """profile_step.py of `commit`, unpacked under bench/out, on this checkout's models and data."""
     tree = WORK / "before"
@@ -36,9 +43,7 @@ def run_before(commit: str, args: argparse.Namespace) -> dict:
     tree.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    cmd = [sys.executable, "bench/profile_step.py", "--models", *args.models, "--warmup", str(args.warmup),
-           "--profile-steps", str(args.profile_steps), "--data-dir", args.data_dir, "--tiny-dir", args.tiny_dir,
-           "--smollm2-dir", args.smollm2_dir, "--results-name", "profile_before"]
+    cmd = profile_command(tree / "bench" / "profile_step.py", args, "profile_before")
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with open(WORK / "before.log", "w", encoding="utf-8") as log:
         code = subprocess.run(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -49,9 +54,7 @@ def run_before(commit: str, args: argparse.Namespace) -> dict:
 
 def run_after(args: argparse.Namespace) -> dict:
     """This checkout's profile_step, the same way (its results go to bench/out, not bench/results)."""
-    cmd = [sys.executable, str(REPO / "bench" / "profile_step.py"), "--models", *args.models, "--warmup", str(args.warmup),
-           "--profile-steps", str(args.profile_steps), "--data-dir", args.data_dir, "--tiny-dir", args.tiny_dir,
-           "--smollm2-dir", args.smollm2_dir, "--results-name", "profile_compare_after"]
+    cmd = profile_command(REPO / "bench" / "profile_step.py", args, "profile_compare_after")
     with open(WORK / "after.log", "w", encoding="utf-8") as log:
         code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:

@@ -130,6 +130,27 @@ def _window_mask(length: int, window: int, device: torch.device) -> torch.Tensor
     return (k <= q) & (q - k < window)
 
 
+def _spans_to_cut(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                  is_causal: bool | None, kwargs: dict[str, Any]) -> list[list[tuple[int, int]]] | None:
+    """Per batch row, the documents to attend within; None where the call is not one this function cuts (a padding
+    mask, a KV cache, a single query, non-causal or soft-capped attention, positions that do not fit the batch)."""
+    position_ids = kwargs.get("position_ids")
+    q_length = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (attention_mask is not None or position_ids is None or q_length == 1 or key.shape[2] != q_length or not causal
+            or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None):
+        return None
+    cache = module.__dict__.get(_SPANS_ATTR)
+    if cache is None:  # a module that use_document_attention did not set up: a cache of its own
+        cache = module.__dict__[_SPANS_ATTR] = _SpansCache()
+    spans = cache.spans_of(position_ids)
+    if len(spans) == query.shape[0]:
+        return spans
+    if len(spans) == 1:
+        return spans * query.shape[0]  # one row of positions shared by the batch (transformers' default arange)
+    return None
+
+
 def document_sdpa_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -148,43 +169,27 @@ def document_sdpa_attention(
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    position_ids = kwargs.get("position_ids")
-    q_length = query.shape[2]
-    per_document = (
-        attention_mask is None and position_ids is not None and q_length > 1 and key.shape[2] == q_length
-        and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
-    )
-    if not per_document:
+    spans = _spans_to_cut(module, query, key, attention_mask, is_causal, kwargs)
+    if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-    cache = module.__dict__.get(_SPANS_ATTR)
-    if cache is None:  # a module that use_document_attention did not set up: a cache of its own
-        cache = module.__dict__[_SPANS_ATTR] = _SpansCache()
-    spans = cache.spans_of(position_ids)
-    if len(spans) != query.shape[0]:
-        if len(spans) != 1:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
-        spans = spans * query.shape[0]  # one row of positions shared by the batch (transformers' default arange)
     window = kwargs.get("sliding_window")
-    if query.shape[1] != key.shape[1] and not _SDPA_HAS_GQA:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    gqa = query.shape[1] != key.shape[1]
+    gqa: dict[str, bool] = {}
+    if query.shape[1] != key.shape[1]:
+        if _SDPA_HAS_GQA:
+            gqa["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     outputs = []
     for b, row_spans in enumerate(spans):
-        if len(row_spans) == 1 and (window is None or q_length <= window):
-            pieces = [F.scaled_dot_product_attention(
-                query[b : b + 1], key[b : b + 1], value[b : b + 1], dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa
-            )]
-        else:
-            pieces = []
-            for start, end in row_spans:
-                q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
-                if window is not None and end - start > window:
-                    mask = _window_mask(end - start, int(window), query.device)
-                    pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=gqa))
-                else:
-                    pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa))
+        pieces = []
+        for start, end in row_spans:
+            q, k, v = query[b : b + 1, :, start:end], key[b : b + 1, :, start:end], value[b : b + 1, :, start:end]
+            if window is not None and end - start > window:
+                mask = _window_mask(end - start, int(window), query.device)
+                pieces.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, **gqa))
+            else:
+                pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, **gqa))
         outputs.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
     out = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
     return out.transpose(1, 2).contiguous(), None

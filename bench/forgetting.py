@@ -106,7 +106,7 @@ def main() -> int:
 
     table = []
     for lr, run_dir in run_dirs.items():
-        doc = qc.evaluate_run(base, run_dir)
+        doc = qc.evaluate_run(base, run_dir, curve_sets=("raw_test", "sft_test"))  # both: the table shows sft_test too
         for step_text, checkpoint in sorted(doc["checkpoints"].items(), key=lambda kv: int(kv[0])):
             raw = rises(before, checkpoint, "raw_test")
             sft = rises(before, checkpoint, "sft_test")

@@ -254,11 +254,11 @@ def evaluate_run(base: BaseSetup, run_dir: Path, *, final_sets: Sequence[str] = 
                  curve_sets: Sequence[str] = ("raw_test",)) -> dict:
     """A finished run scored per item: final/ on `final_sets`, and every kept DeepSpeed checkpoint before the last
     step on `curve_sets` (the forgetting curves). Cached in run_dir/domain_eval.json (a cached document missing a
-    set asked for now is scored again)."""
+    set asked for now, final or curve, is scored again)."""
     path = Path(run_dir) / "domain_eval.json"
     if path.is_file():
         cached = json.loads(path.read_text())
-        if all(s in cached["final"] for s in final_sets):
+        if all(s in cached["final"] for s in final_sets) and all(s in c for c in cached["checkpoints"].values() for s in curve_sets):
             return cached
     started = time.perf_counter()
     examples = eval_examples(base)

@@ -77,6 +77,18 @@ def main() -> int:
     return 0
 
 
+def pace_text(curve: list[dict]) -> str:
+    """Seconds per step over each evaluation interval: the budget above depends on the machine's load, so give its range."""
+    paces = [(b["seconds"] - a["seconds"]) / (b["step"] - a["step"]) for a, b in zip(curve, curve[1:])
+             if b["step"] > a["step"] and b["seconds"] > a["seconds"]]
+    if not paces:
+        return ""
+    paces.sort()
+    total = curve[-1]["step"]
+    return (f"Pace per evaluation interval: median {paces[len(paces) // 2]:.2f} s/step, fastest {paces[0]:.2f}, slowest {paces[-1]:.2f} "
+            f"(the load varied); at the fastest pace the whole budget is {total * paces[0] / 60:.0f} min.")
+
+
 def markdown(out: dict, name: str) -> str:
     record, curve, s = out["pretraining"], out["curve"], out["settings"]
     p = s["pretrain"]
@@ -117,7 +129,7 @@ law with exponent ≥ {base_pretrain.MIN_EXPONENT}), after at least {p['min_step
 **Budget on this machine**: the rule fired at step {plateau_at.get('step')} ({plateau_at.get('tokens', 0) / 1e6:.1f} M tokens,
 {plateau_at.get('seconds', 0) / 3600:.2f} h) — reason: {reason.get(record.get('stop_reason'), record.get('stop_reason'))};
 with the decay: **{record['step']} steps, {record['tokens'] / 1e6:.1f} M tokens, {record['seconds'] / 3600:.2f} h** of wall time
-(1 thread, `nice -n 10`, {record['sessions']} session(s): killed and resumed runs add up).
+({record['sessions']} session(s): killed and resumed runs add up). {pace_text(curve)}
 
 | domain | share (truth) | raw_val loss, first eval (step {first['step']}) | at the rule | fitted plateau | gap / doubling gain at the rule | after the decay (± SE) | base raw_test loss ± SE | base sft_test loss ± SE |
 |---|---|---|---|---|---|---|---|---|

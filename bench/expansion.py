@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--lr-scheduler", default="cosine", choices=("cosine", "constant", "linear"),
+                        help="constant: the schedule bench/forgetting.py searched with")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--target-share", type=float, default=0.5)
@@ -143,7 +145,7 @@ def main() -> int:
                 config = qc.write_run_config(
                     work / "configs" / f"{name}.yaml", base, mixture=mixture,
                     train={"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                           "learning_rate": args.lr, "lr_scheduler": "cosine", "warmup_steps": args.warmup, "log_every": 10},
+                           "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
                     eval={"every": args.eval_every if dynamic else args.steps, "micro_batch_size": 20, "at_start": True},
                     checkpoint={"every": 100_000, "keep_last": 1}, dist={"master_port": port},
                 )
@@ -159,7 +161,7 @@ def main() -> int:
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python bench/expansion.py " + " ".join(sys.argv[1:]),
         "machine": qc.machine_info(), "versions": qc.versions(), "seeds": args.seeds, "targets": args.targets, "methods": list(METHODS),
         "sft": {"steps": args.steps, "micro_batch_size": args.micro_batch, "seq_len": base.info["settings"]["sft_seq_len"], "lr": args.lr,
-                "scheduler": f"cosine, {args.warmup} warm-up steps", "target_share": args.target_share, "ramp_steps": ramp,
+                "scheduler": f"{args.lr_scheduler}, {args.warmup} warm-up steps", "target_share": args.target_share, "ramp_steps": ramp,
                 "eval_every_dynamic": args.eval_every, "block_size": args.block_size, "floor": 0.02},
         "base": {k: base.info[k] for k in ("settings", "truth", "parameters")}, "probe_p": probe["p"],
         "base_scores": {m: {d: {k: before[m][d][k] for k in ("loss", "se")} for d in qc.DOMAINS} for m in METRICS},

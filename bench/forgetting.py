@@ -10,9 +10,12 @@ steps. Every checkpoint is scored per item (bench/domain_eval.py) on
 
 A domain is *forgotten* at a checkpoint when its raw_test loss is above the base's by more than 3 standard
 errors (z = rise / SE > 3). The table lists every (learning rate, step); the recommendation is the shortest
-run at the lowest learning rate where uniform forgets at least one domain with margin -- paired z > 5 and also
-unpaired z > 3 (each mean's own SE: the strict reading) -- so a cosine schedule of that length, which spends less
-learning rate, still forgets.
+run at the lowest learning rate where uniform forgets at least one domain with margin (paired z > 5) **while it
+learns**: the mean sft_test loss over the domains is below the base's. A run that makes every loss worse (a
+learning rate that shocks the model: the first search chose lr 3e-3, where sft_test rose too) is not the regime
+of a fine-tune that learns one thing and forgets another, so it is not chosen. The unpaired z (each mean's own SE,
+the strict reading) is reported beside it. Train the strategies with the same constant schedule
+(bench/quality_tiny.py --lr-scheduler constant): a cosine schedule of that length spends less learning rate.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/forgetting.py              # ~30-60 min on 2 busy cores
 Writes bench/results/<name>.{json,md,png}; runs under bench/out/forgetting/ (finished runs are reused).
@@ -120,7 +123,8 @@ def main() -> int:
                 "S_raw": float(np.mean([checkpoint["raw_test"][d]["loss"] for d in qc.DOMAINS])),
                 "S_sft": float(np.mean([checkpoint["sft_test"][d]["loss"] for d in qc.DOMAINS])),
             })
-    candidates = [row for row in table if any(row["raw_z"][d] > Z_MARGIN and row["raw_z_unpaired"][d] > Z_FORGOTTEN for d in qc.DOMAINS)]
+    base_s_sft = float(np.mean([before["sft_test"][d]["loss"] for d in qc.DOMAINS]))
+    candidates = [row for row in table if row["S_sft"] < base_s_sft and any(row["raw_z"][d] > Z_MARGIN for d in qc.DOMAINS)]
     choice = min(candidates, key=lambda row: (row["lr"], row["step"])) if candidates else None
     out = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python bench/forgetting.py " + " ".join(sys.argv[1:]),
@@ -130,8 +134,9 @@ def main() -> int:
         "base": {"settings": base.info["settings"], "parameters": base.info["parameters"]},
         "base_scores": {s: {d: {k: before[s][d][k] for k in ("loss", "se")} for d in qc.DOMAINS} for s in ("raw_test", "sft_test")},
         "table": table, "choice": choice, "train_seconds": timings, "wall_seconds_this_invocation": time.perf_counter() - started,
+        "base_S_sft": base_s_sft,
         "rule": f"forgotten: raw_test loss above the base's by > {Z_FORGOTTEN} paired SE; choice: lowest lr, then fewest steps, where a "
-                f"domain has paired z > {Z_MARGIN} and unpaired z > {Z_FORGOTTEN}",
+                f"domain has paired z > {Z_MARGIN} while S_sft is below the base's ({base_s_sft:.3f}: the fine-tune learns)",
     }
     qc.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(out, qc.RESULTS / f"{args.results_name}.png")
@@ -180,7 +185,7 @@ def markdown(out: dict, name: str) -> str:
     choice = out["choice"]
     verdict = (f"**Choice: lr {choice['lr']:g}, {choice['step']} steps** ({choice['step'] * out['sft']['micro_batch_size']} packed rows of "
                f"{out['sft']['seq_len']} tokens): uniform forgets {', '.join(choice['forgotten'])} (z > 3) there."
-               if choice else f"**No (lr, step) in this search made uniform forget a domain with paired z > {Z_MARGIN} and unpaired z > {Z_FORGOTTEN}**: the regime needs more "
+               if choice else f"**No (lr, step) in this search made uniform forget a domain with paired z > {Z_MARGIN} while learning (S_sft below the base)**: the regime needs more "
                f"SFT than {out['sft']['steps']} steps at lr ≤ {max(out['sft']['lrs']):g}.")
     m = out["machine"]
     walls = ", ".join(f"{k} {v:.0f} s" for k, v in out["train_seconds"].items())

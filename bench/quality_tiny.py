@@ -87,7 +87,7 @@ class Runner:
             mixture={**mixture_section(strategy, self.distribution, weights), "unit": "tokens", "block_size": args.block_size,
                      "floor": 0.02},
             train={"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                   "learning_rate": args.lr, "lr_scheduler": "cosine", "warmup_steps": args.warmup, "log_every": 10},
+                   "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
             eval={"every": every, "micro_batch_size": 20, "at_start": True},
             checkpoint={"every": curve_every, "keep_last": 1000}, dist={"master_port": self.port},
         )
@@ -117,6 +117,8 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--lr-scheduler", default="cosine", choices=("cosine", "constant", "linear"),
+                        help="constant: the schedule bench/forgetting.py searched with")
     parser.add_argument("--eval-every", type=int, default=20, help="re-weighting interval of the dynamic strategies")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--curve-points", type=int, default=3, help="the forgetting curve's points per run (checkpoints every steps/N)")
@@ -174,7 +176,7 @@ def main() -> int:
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python bench/quality_tiny.py " + " ".join(sys.argv[1:]),
         "machine": qc.machine_info(), "versions": qc.versions(), "seeds": args.seeds, "strategies": list(runs_of),
         "sft": {"steps": args.steps, "micro_batch_size": args.micro_batch, "seq_len": base.info["settings"]["sft_seq_len"],
-                "packing": True, "lr": args.lr, "scheduler": f"cosine, {args.warmup} warm-up steps",
+                "packing": True, "lr": args.lr, "scheduler": f"{args.lr_scheduler}, {args.warmup} warm-up steps",
                 "eval_every_dynamic": args.eval_every, "block_size": args.block_size, "floor": 0.02, "zero_stage": 3,
                 "processes": "one process per run", "parallel_runs": args.parallel,
                 "reference_losses": "fallback: first eval loss x 0.8 (no reference model)"},

@@ -134,19 +134,23 @@ def main() -> int:
                 run_dir = work / "runs" / name
                 run_dirs[name] = run_dir
                 port += 1
-                if (run_dir / "final" / "config.json").is_file():
-                    continue
-                shutil.rmtree(run_dir, ignore_errors=True)
                 dynamic = method == "versatune"
                 mixture = {"strategy": method, "target_domain": target, "target_share": args.target_share, "unit": "tokens",
                            "block_size": args.block_size, "floor": 0.02, "distribution": probe["distribution_path"]}
                 if dynamic:
                     mixture["target_ramp_steps"] = ramp
+                sections = {
+                    "model": {"path": str(base.model_dir)},
+                    "mixture": mixture,
+                    "train": {"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
+                              "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
+                    "eval": {"every": args.eval_every if dynamic else args.steps, "micro_batch_size": 20, "at_start": True},
+                }
+                if qc.finished_as(run_dir, **sections):
+                    continue  # finished earlier with the same flags: reused
+                shutil.rmtree(run_dir, ignore_errors=True)
                 config = qc.write_run_config(
-                    work / "configs" / f"{name}.yaml", base, mixture=mixture,
-                    train={"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                           "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
-                    eval={"every": args.eval_every if dynamic else args.steps, "micro_batch_size": 20, "at_start": True},
+                    work / "configs" / f"{name}.yaml", base, **sections,
                     checkpoint={"every": 100_000, "keep_last": 1}, dist={"master_port": port},
                 )
                 jobs.append(qc.Job(name, ("train", "--config", str(config)), work / "logs" / f"{name}.log"))

@@ -90,16 +90,18 @@ def main() -> int:
         name = f"uniform_lr{lr:g}_s{args.seed}_{args.steps}steps"
         run_dir = work / "runs" / name
         run_dirs[lr] = run_dir
-        if (run_dir / "final" / "config.json").is_file():
-            continue
+        sections = {
+            "model": {"path": str(base.model_dir)},
+            "mixture": {"strategy": "uniform", "unit": "tokens", "block_size": 32},
+            "train": {"run_dir": str(run_dir), "seed": args.seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
+                      "learning_rate": lr, "lr_scheduler": "constant", "warmup_steps": 10, "log_every": 10},
+            "eval": {"every": args.steps, "micro_batch_size": 20, "at_start": True},
+            "checkpoint": {"every": args.checkpoint_every, "keep_last": 1000},
+        }
+        if qc.finished_as(run_dir, **sections):
+            continue  # finished earlier with the same flags: reused
         shutil.rmtree(run_dir, ignore_errors=True)
-        config = qc.write_run_config(
-            work / "configs" / f"{name}.yaml", base, mixture={"strategy": "uniform", "unit": "tokens", "block_size": 32},
-            train={"run_dir": str(run_dir), "seed": args.seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                   "learning_rate": lr, "lr_scheduler": "constant", "warmup_steps": 10, "log_every": 10},
-            eval={"every": args.steps, "micro_batch_size": 20, "at_start": True},
-            checkpoint={"every": args.checkpoint_every, "keep_last": 1000}, dist={"master_port": 29750 + k},
-        )
+        config = qc.write_run_config(work / "configs" / f"{name}.yaml", base, **sections, dist={"master_port": 29750 + k})
         jobs.append(qc.Job(name, ("train", "--config", str(config)), work / "logs" / f"{name}.log"))
     seconds = qc.run_jobs(jobs, args.parallel)
     timings_path = work / "timings.json"

@@ -280,6 +280,17 @@ def _tag_step(tag: str) -> int:
     return int(digits) if digits else -1
 
 
+def finished_as(run_dir: Path, **sections: dict) -> bool:
+    """True when `run_dir` holds a finished run whose saved config has every value given in `sections` (e.g. train=,
+    mixture=, eval=): a finished run is reused only when it was made with the same flags (steps, lr, schedule,
+    weights), never silently under other ones."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "final" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    return all((saved.get(section) or {}).get(key) == value for section, values in sections.items() for key, value in values.items())
+
+
 def write_run_config(path: Path, base: BaseSetup, **sections: dict) -> Path:
     """A run config over the base's splits; `sections` (model=..., mixture=..., train=...) are merged on top."""
     config: dict = {

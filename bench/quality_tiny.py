@@ -19,7 +19,7 @@ Statistics (versatune_ds.eval.stats), losses: lower is better.
     Forgotten domain: raw_test loss above the base's by > 3 paired standard errors (over passages).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/quality_tiny.py [--parallel 2]
-Finished runs under bench/out/quality_tiny/runs are reused (delete a run's folder to redo it). Writes
+Finished runs under bench/out/quality_tiny/runs made with the same flags are reused (others are redone). Writes
 bench/results/<name>.{json,md} and <name>.png (per-domain bars), <name>_weights.png, <name>_forgetting.png.
 """
 
@@ -77,20 +77,21 @@ class Runner:
         run_dir = self.work / "runs" / name
         self.run_dirs[name] = run_dir
         self.port += 1
-        if (run_dir / "final" / "config.json").is_file():
-            return None  # finished earlier: reused
-        shutil.rmtree(run_dir, ignore_errors=True)  # a half-finished run is redone from the start
         every = args.eval_every if strategy in DYNAMIC else args.steps  # static: weights fixed, an eval changes nothing
         curve_every = max(1, args.steps // args.curve_points) if curves else args.steps
-        config = qc.write_run_config(
-            self.work / "configs" / f"{name}.yaml", self.base,
-            mixture={**mixture_section(strategy, self.distribution, weights), "unit": "tokens", "block_size": args.block_size,
-                     "floor": 0.02},
-            train={"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
-                   "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
-            eval={"every": every, "micro_batch_size": 20, "at_start": True},
-            checkpoint={"every": curve_every, "keep_last": 1000}, dist={"master_port": self.port},
-        )
+        sections = {
+            "model": {"path": str(self.base.model_dir)},
+            "mixture": {**mixture_section(strategy, self.distribution, weights), "unit": "tokens", "block_size": args.block_size,
+                        "floor": 0.02},
+            "train": {"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
+                      "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
+            "eval": {"every": every, "micro_batch_size": 20, "at_start": True},
+        }
+        if qc.finished_as(run_dir, **sections):
+            return None  # finished earlier with the same flags: reused
+        shutil.rmtree(run_dir, ignore_errors=True)  # half-finished, or made with other flags: redone from the start
+        config = qc.write_run_config(self.work / "configs" / f"{name}.yaml", self.base, **sections,
+                                     checkpoint={"every": curve_every, "keep_last": 1000}, dist={"master_port": self.port})
         return qc.Job(name, ("train", "--config", str(config)), self.work / "logs" / f"{name}.log")
 
     def run(self, jobs: list[qc.Job | None]) -> None:

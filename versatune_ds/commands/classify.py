@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from versatune_ds.probe.labelling import ClassifyRequest, run_classify, summary_lines
 
     fields = tuple(name.strip() for name in args.field.split(",") if name.strip())
@@ -25,5 +27,6 @@ def run(args: argparse.Namespace) -> int:
         config=args.config, input=args.input, out=args.out, fields=fields or ("text",), labels_field=args.labels_field,
         run_dir=args.run_dir, overrides=tuple(args.overrides),
     ))
-    print("\n".join(summary_lines(result)))
+    # Like the other commands, through rich; plain text as written (no markup, emoji codes, colouring or re-wrapping).
+    Console(soft_wrap=True).print("\n".join(summary_lines(result)), markup=False, highlight=False, emoji=False)
     return 0

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -140,20 +139,14 @@ def main() -> int:
                 if dynamic:
                     mixture["target_ramp_steps"] = ramp
                 sections = {
-                    "model": {"path": str(base.model_dir)},
                     "mixture": mixture,
                     "train": {"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
                               "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
                     "eval": {"every": args.eval_every if dynamic else args.steps, "micro_batch_size": 20, "at_start": True},
                 }
-                if qc.finished_as(run_dir, **sections):
-                    continue  # finished earlier with the same flags: reused
-                shutil.rmtree(run_dir, ignore_errors=True)
-                config = qc.write_run_config(
-                    work / "configs" / f"{name}.yaml", base, **sections,
-                    checkpoint={"every": 100_000, "keep_last": 1}, dist={"master_port": port},
-                )
-                jobs.append(qc.Job(name, ("train", "--config", str(config)), work / "logs" / f"{name}.log"))
+                job = qc.train_job(work, base, name, sections, checkpoint={"every": 100_000, "keep_last": 1}, dist={"master_port": port})
+                if job is not None:  # None: finished earlier with the same flags, reused
+                    jobs.append(job)
     if jobs:
         timings.update(qc.run_jobs(jobs, args.parallel))
         timings_path.parent.mkdir(parents=True, exist_ok=True)

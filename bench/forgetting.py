@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,18 +90,15 @@ def main() -> int:
         run_dir = work / "runs" / name
         run_dirs[lr] = run_dir
         sections = {
-            "model": {"path": str(base.model_dir)},
             "mixture": {"strategy": "uniform", "unit": "tokens", "block_size": 32},
             "train": {"run_dir": str(run_dir), "seed": args.seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
                       "learning_rate": lr, "lr_scheduler": "constant", "warmup_steps": 10, "log_every": 10},
             "eval": {"every": args.steps, "micro_batch_size": 20, "at_start": True},
             "checkpoint": {"every": args.checkpoint_every, "keep_last": 1000},
         }
-        if qc.finished_as(run_dir, **sections):
-            continue  # finished earlier with the same flags: reused
-        shutil.rmtree(run_dir, ignore_errors=True)
-        config = qc.write_run_config(work / "configs" / f"{name}.yaml", base, **sections, dist={"master_port": 29750 + k})
-        jobs.append(qc.Job(name, ("train", "--config", str(config)), work / "logs" / f"{name}.log"))
+        job = qc.train_job(work, base, name, sections, dist={"master_port": 29750 + k})
+        if job is not None:  # None: finished earlier with the same flags, reused
+            jobs.append(job)
     seconds = qc.run_jobs(jobs, args.parallel)
     timings_path = work / "timings.json"
     timings = {**(json.loads(timings_path.read_text()) if timings_path.is_file() else {}), **seconds}

@@ -10,6 +10,7 @@ afterwards and scores models per item with bench/domain_eval.py. Public API:
     ensure_base_eval(base) -> dict                    the base scored per item on the four held-out sets (cached)
     evaluate_run(base, run_dir) -> dict               a finished run: final model + every kept checkpoint, per item (cached)
     write_run_config(path, base, **sections) -> Path  a run config YAML over the base's SFT train / validation files
+    train_job(work, base, name, sections) -> Job|None the train job of a run, None when a finished identical run is there
     Job, run_jobs, machine_info, versions, read_jsonl   from bench/common.py (re-exported)
     eval_losses(run_dir) -> {step: np.ndarray}        per-domain in-loop validation loss by step (metrics.jsonl)
     trained_tokens(run_dir) -> np.ndarray             tokens trained per domain (metrics.jsonl)
@@ -35,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -280,15 +282,21 @@ def _tag_step(tag: str) -> int:
     return int(digits) if digits else -1
 
 
-def finished_as(run_dir: Path, **sections: dict) -> bool:
-    """True when `run_dir` holds a finished run whose saved config has every value given in `sections` (e.g. train=,
-    mixture=, eval=): a finished run is reused only when it was made with the same flags (steps, lr, schedule,
-    weights), never silently under other ones."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "final" / "config.json").is_file() or not (run_dir / "config.yaml").is_file():
-        return False
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    return all((saved.get(section) or {}).get(key) == value for section, values in sections.items() for key, value in values.items())
+def train_job(work: Path, base: BaseSetup, name: str, sections: dict[str, dict], **fixed: dict) -> Job | None:
+    """The `versatune-ds train` job of run `name` (config under work/configs, log under work/logs), or None when the
+    run directory (`sections["train"]["run_dir"]`) holds a finished run of this base whose saved config has every value
+    of `sections` (reused). `sections` (mixture=, train=, eval=, ...) decide the result; `fixed` (dist=, ...) are
+    written but do not decide reuse. A half-finished run, or one made with other flags (steps, lr, schedule, weights,
+    base), is removed and redone: never reused silently by its name."""
+    run_dir = Path(sections["train"]["run_dir"])
+    wanted = {"model": {"path": str(base.model_dir)}, **sections}
+    if (run_dir / "final" / "config.json").is_file() and (run_dir / "config.yaml").is_file():
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        if all((saved.get(section) or {}).get(key) == value for section, values in wanted.items() for key, value in values.items()):
+            return None
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = write_run_config(work / "configs" / f"{name}.yaml", base, **sections, **fixed)
+    return Job(name, ("train", "--config", str(config)), work / "logs" / f"{name}.log")
 
 
 def write_run_config(path: Path, base: BaseSetup, **sections: dict) -> Path:

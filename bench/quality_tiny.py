@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -80,19 +79,14 @@ class Runner:
         every = args.eval_every if strategy in DYNAMIC else args.steps  # static: weights fixed, an eval changes nothing
         curve_every = max(1, args.steps // args.curve_points) if curves else args.steps
         sections = {
-            "model": {"path": str(self.base.model_dir)},
             "mixture": {**mixture_section(strategy, self.distribution, weights), "unit": "tokens", "block_size": args.block_size,
                         "floor": 0.02},
             "train": {"run_dir": str(run_dir), "seed": seed, "max_steps": args.steps, "micro_batch_size": args.micro_batch,
                       "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
             "eval": {"every": every, "micro_batch_size": 20, "at_start": True},
         }
-        if qc.finished_as(run_dir, **sections):
-            return None  # finished earlier with the same flags: reused
-        shutil.rmtree(run_dir, ignore_errors=True)  # half-finished, or made with other flags: redone from the start
-        config = qc.write_run_config(self.work / "configs" / f"{name}.yaml", self.base, **sections,
-                                     checkpoint={"every": curve_every, "keep_last": 1000}, dist={"master_port": self.port})
-        return qc.Job(name, ("train", "--config", str(config)), self.work / "logs" / f"{name}.log")
+        return qc.train_job(self.work, self.base, name, sections,
+                            checkpoint={"every": curve_every, "keep_last": 1000}, dist={"master_port": self.port})
 
     def run(self, jobs: list[qc.Job | None]) -> None:
         todo = [j for j in jobs if j is not None]

@@ -16,10 +16,17 @@ Scores (versatune_ds.eval.stats): S = (1/6) Σ_d s_d per seed; G = (S − S_unif
 95 % CI over seeds (with 2 seeds the interval only spans the two seeds' values). MCQ accuracy: positive G = better,
 the paper's sign (+35.21 %); losses: negative G = better.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/quality_smollm2.py            # ~10-15 h on 2 busy cores
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/quality_smollm2.py            # ~6 h on 2 quiet cores (below)
     ... --strategies uniform proportional inverse versatune_static versatune official tuned_static --steps 400 ...  (a GPU)
-Every task's output file marks it done: an interrupted invocation, run again, starts only what is missing (a killed
-training run is redone from its start). Writes bench/results/<name>.{json,md,png}.
+Budget on this 2-core machine (measured, one thread per process): a 2048-token SmolLM2 training step takes ~38 s
+(53 tokens/s), one MCQ item ~2.3 s. The defaults (100 steps x 2 rows x 512 tokens, 4 strategies x 2 seeds, 8 tuned
+candidates x 30 steps, 100 MCQ items per domain for 9 models) come to ~7 h of training and ~3.5 h of MCQ on one
+core, ~6 h with two tasks at a time: run it in the background over several sittings.
+Every task's output file marks it done: an interrupted invocation, run again, starts only what is missing, and a
+killed training run resumes from its last checkpoint (`--checkpoint-every`; `versatune-ds train` resumes exactly).
+The settings that decide results are saved in <work-dir>/settings.json; an invocation with other settings on the
+same work dir stops with the differences instead of mixing runs (--strategies, --seeds, --parallel may change).
+Writes bench/results/<name>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -56,7 +63,6 @@ class Task:
     log: Path
     done: Path  # the file whose existence means the task finished earlier
     after: tuple[str, ...] = ()
-    fresh_dir: Path | None = None  # removed before a start (a killed training run is redone from scratch)
     cleanup: Path | None = None  # removed after success (a finished run's DeepSpeed checkpoint: ~2 GB, final/ is the model)
 
 
@@ -83,8 +89,6 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
                 break
             if all(done(dep) for dep in task.after):
                 pending.remove(task)
-                if task.fresh_dir is not None:
-                    shutil.rmtree(task.fresh_dir, ignore_errors=True)
                 task.log.parent.mkdir(parents=True, exist_ok=True)
                 handle = open(task.log, "w", encoding="utf-8")  # noqa: SIM115 (closed when the task ends)
                 process = subprocess.Popen(list(task.command), stdout=handle, stderr=subprocess.STDOUT, env=cpu_env(1), cwd=qc.REPO)
@@ -119,6 +123,26 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
                 shutil.rmtree(task.cleanup, ignore_errors=True)
             logger.info("finished %s in %.0f s", task.name, timings[task.name])
     return timings
+
+
+# Arguments that may differ between invocations on one work dir: they choose which runs exist, not what a run is.
+FREE_ARGS = ("strategies", "seeds", "parallel", "min_free_gib", "checkpoint_every", "results_name", "work_dir")
+
+
+def check_settings(work: Path, args: argparse.Namespace) -> None:
+    """Save the result-deciding settings on the first invocation; refuse a later one whose settings differ (its
+    finished runs and evaluations would otherwise be mixed with runs made another way)."""
+    wanted = {k: v for k, v in sorted(vars(args).items()) if k not in FREE_ARGS}
+    path = work / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        changed = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        if changed:
+            lines = "\n".join(f"  --{k.replace('_', '-')}: {old!r} in the work dir, {new!r} now" for k, (old, new) in changed.items())
+            raise SystemExit(f"quality_smollm2: {work} holds runs made with other settings:\n{lines}\n"
+                             "Run with the saved settings, or give another --work-dir.")
+        return
+    path.write_text(json.dumps(wanted, indent=1), encoding="utf-8")
 
 
 def write_splits(work: Path, args: argparse.Namespace) -> dict[str, dict[str, str]]:
@@ -168,7 +192,9 @@ def train_task(name: str, strategy: str, seed: int, steps: int, work: Path, conf
     overrides = [f"train.run_dir={run_dir}", f"mixture.block_size={args.block_size}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.gradient_accumulation_steps={args.grad_accum}", f"train.max_steps={steps}", f"train.warmup_steps={args.warmup}",
                  f"train.learning_rate={args.lr}", "train.lr_scheduler=cosine", "train.log_every=1", f"train.seed={seed}",
-                 f"eval.every={every}", "eval.at_start=true", "checkpoint.every=100000", "checkpoint.keep_last=1", f"dist.master_port={port}"]
+                 f"eval.every={every}", f"eval.at_start={str(weights is None).lower()}",  # candidates: scored at their end only
+                 f"checkpoint.every={args.checkpoint_every}", "checkpoint.keep_last=1",
+                 f"dist.master_port={port}"]
     if weights is not None:
         overrides += ["mixture.strategy=fixed"] + [f"mixture.weights.{d}={w}" for d, w in weights.items()]
     elif strategy == "official":
@@ -177,7 +203,7 @@ def train_task(name: str, strategy: str, seed: int, steps: int, work: Path, conf
         overrides += [f"mixture.strategy={strategy}"] + ([f"mixture.distribution={distribution}"] if strategy != "uniform" else [])
     after = () if strategy in ("uniform", "fixed", "proportional") else ("probe",)
     return Task(f"train_{name}", (*qc.CLI, "train", "--config", str(config), *overrides), work / "logs" / f"train_{name}.log",
-                run_dir / "final" / "config.json", after=after, fresh_dir=run_dir, cleanup=run_dir / "checkpoints")
+                run_dir / "final" / "config.json", after=after, cleanup=run_dir / "checkpoints")
 
 
 def eval_tasks(name: str, model: Path, work: Path, files: dict[str, dict[str, str]], args: argparse.Namespace, after: tuple[str, ...]) -> list[Task]:
@@ -201,23 +227,24 @@ def main() -> int:
     parser.add_argument("--strategies", nargs="+", default=list(DEFAULT), choices=STRATEGIES)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--eval-every", type=int, default=10, help="re-weighting interval of the dynamic strategies")
+    parser.add_argument("--eval-every", type=int, default=25, help="re-weighting interval of the dynamic strategies")
     parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--heldout", type=int, default=24, help="sft_val rows per domain (the in-loop held-out set)")
+    parser.add_argument("--heldout", type=int, default=16, help="sft_val rows per domain (the in-loop held-out set)")
     parser.add_argument("--test-rows", type=int, default=40, help="sft_test rows per domain")
     parser.add_argument("--raw-test", type=int, default=40, help="raw_test passages per domain")
     parser.add_argument("--raw-max-tokens", type=int, default=256)
     parser.add_argument("--mcq-items", type=int, default=100, help="a fixed subset per domain (seed 0)")
     parser.add_argument("--tuned-k", type=int, default=8)
     parser.add_argument("--tuned-alpha", type=float, default=1.0)
-    parser.add_argument("--tuned-steps", type=int, default=None, help="steps of each candidate mixture (default: --steps)")
+    parser.add_argument("--tuned-steps", type=int, default=30, help="steps of each candidate mixture (0: --steps)")
     parser.add_argument("--probe-samples", type=int, default=96)
     parser.add_argument("--probe-new-tokens", type=int, default=48)
+    parser.add_argument("--checkpoint-every", type=int, default=20, help="a killed training run resumes from here")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--min-free-gib", type=float, default=5.0, help="start another task only above this MemAvailable")
     parser.add_argument("--results-name", default="quality_smollm2")
@@ -232,6 +259,7 @@ def main() -> int:
     work = Path(args.work_dir).resolve()
     args.model_dir = str(Path(args.model_dir).resolve())
     work.mkdir(parents=True, exist_ok=True)
+    check_settings(work, args)
     import get_smollm2
 
     get_smollm2.convert(Path(args.model_dir))

@@ -112,8 +112,8 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--lr-scheduler", default="cosine", choices=("cosine", "constant", "linear"),
-                        help="constant: the schedule bench/forgetting.py searched with")
+    parser.add_argument("--lr-scheduler", default="constant", choices=("cosine", "constant", "linear"),
+                        help="default: the schedule of the forgetting regime bench/forgetting.py chose (lr 1e-3, 300 steps)")
     parser.add_argument("--eval-every", type=int, default=20, help="re-weighting interval of the dynamic strategies")
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--curve-points", type=int, default=3, help="the forgetting curve's points per run (checkpoints every steps/N)")

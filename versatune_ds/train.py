@@ -369,13 +369,11 @@ def initial_distribution(
         return None
     if cfg.mixture.distribution:
         return read_distribution(cfg.mixture.distribution, domains)
-    existing = run_dir / PROBE_DIR / DISTRIBUTION_FILE
-    if existing.is_file():
+    if (existing := run_dir / PROBE_DIR / DISTRIBUTION_FILE).is_file():
         logger.info("using the probed distribution in %s", existing)
         return read_distribution(existing, domains)
     logger.info("probing the base model's domain distribution (%d samples)", cfg.probe.num_samples)
     from versatune_ds.probe.pipeline import run_probe  # here: its scikit-learn stack slows every rank's start-up
-
     return run_probe(cfg, env, run_dir=run_dir, tokenizer=tokenizer).p
 
 

@@ -143,3 +143,14 @@ def test_building_the_cli_imports_no_heavy_library() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_training_rank_imports_no_probe_plot_or_dataset_library() -> None:
+    # Every rank of every launch imports the training loop; these libraries add ~4 s to each rank's start-up and
+    # are needed only by the probe, the end-of-run plots and tokenization (which import them where they run).
+    code = (
+        "import sys; import versatune_ds.train; "
+        "print(sorted(m for m in ('sklearn', 'scipy', 'matplotlib', 'datasets', 'pyarrow', 'pandas') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert result.stdout.strip() == "[]", result.stdout

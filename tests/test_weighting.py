@@ -171,9 +171,11 @@ def test_update_sequence_matches_hand_calls_and_warmup(tmp_path):
     assert document["reference_source"] == "config"
 
 
-def test_official_rule_needs_no_reference(tmp_path):
+def test_official_rule_needs_no_reference_and_warns_that_it_has_no_guards(tmp_path, caplog):
     cfg = make_cfg(strategy="versatune", rule="official")
-    policy = build(cfg, tmp_path)
+    with caplog.at_level("WARNING"):
+        policy = build(cfg, tmp_path)
+    assert "mixture.rule=official has no floor, cap or smoothing" in caplog.text
     losses = np.array([2.0, 1.0, 3.0])
     policy.after_eval(0, L(losses))
     expected = P * np.exp(losses) / (P * np.exp(losses)).sum()

@@ -30,7 +30,7 @@ from versatune_ds.domains import Domains
 from versatune_ds.errors import UserError
 from versatune_ds.mixture import composition
 from versatune_ds.mixture.build import initial_share_weights, units_per_item_from_data
-from versatune_ds.probe.pipeline import read_distribution
+from versatune_ds.probe.distribution import read_distribution
 
 logger = logging.getLogger(__name__)
 

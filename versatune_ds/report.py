@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from versatune_ds.files import write_bytes_atomic, write_text_atomic
 
@@ -118,6 +116,10 @@ def weight_series(names: list[str], mixture_doc: dict | None, records: list[dict
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    # matplotlib is imported only when a plot is drawn: it adds about a second to the start-up of every rank that
+    # imports the training loop, and only rank 0 draws, at the end.
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 4.5), dpi=110)
     axes = figure.add_subplot()
     axes.set_title(title)
@@ -127,7 +129,9 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return figure, axes
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def _save(figure: Any, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(figure)
     figure.tight_layout()
     buffer = io.BytesIO()

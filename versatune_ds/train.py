@@ -53,7 +53,7 @@ from versatune_ds.mixture.build import build_weight_policy, sampler_rows
 from versatune_ds.mixture.composition import DISTRIBUTION_STRATEGIES
 from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 from versatune_ds.preemption import NUM_FLAGS, StopControl, clear_stop_marker, write_stop_marker
-from versatune_ds.probe.pipeline import read_distribution, run_probe
+from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR, read_distribution
 from versatune_ds.protocols import Sampler, TrainingEngine, WeightPolicy
 from versatune_ds.redaction import redact
 from versatune_ds.report import build_report
@@ -369,11 +369,11 @@ def initial_distribution(
         return None
     if cfg.mixture.distribution:
         return read_distribution(cfg.mixture.distribution, domains)
-    existing = run_dir / "probe" / "distribution.json"
-    if existing.is_file():
+    if (existing := run_dir / PROBE_DIR / DISTRIBUTION_FILE).is_file():
         logger.info("using the probed distribution in %s", existing)
         return read_distribution(existing, domains)
     logger.info("probing the base model's domain distribution (%d samples)", cfg.probe.num_samples)
+    from versatune_ds.probe.pipeline import run_probe  # here: its scikit-learn stack slows every rank's start-up
     return run_probe(cfg, env, run_dir=run_dir, tokenizer=tokenizer).p
 
 

@@ -21,10 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow
-import pyarrow.parquet
-from datasets import load_dataset
-
 from versatune_ds.config.schema import HF_SOURCE_PREFIX
 from versatune_ds.data.encoding import decode_utf8, foreign_encoding, strip_utf8_bom, undecodable_reason
 from versatune_ds.errors import UserError
@@ -279,6 +275,10 @@ def _table_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
 
 
 def _parquet_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
+    # pyarrow and datasets are imported where they are used: every rank imports this module, few read parquet.
+    import pyarrow
+    import pyarrow.parquet
+
     try:
         rows = pyarrow.parquet.read_table(file).to_pylist()
     except (pyarrow.ArrowException, OSError) as exc:
@@ -289,6 +289,8 @@ def _parquet_rows(file: str, max_row_bytes: int) -> Iterator[SourceRow]:
 
 def _hf_dataset(source: str) -> Any:
     """`hf:<name>[:<split>]` through `datasets.load_dataset` (needs the hub or a local data set path)."""
+    from datasets import load_dataset
+
     name, _, split = source[len(HF_SOURCE_PREFIX) :].partition(":")
     try:
         return load_dataset(name, split=split or "train")

@@ -18,11 +18,9 @@ import os
 import sys
 import time
 import uuid
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-from datasets import Dataset
-from datasets.utils import logging as datasets_logging
 from transformers import PreTrainedTokenizerBase
 
 from versatune_ds.config.schema import DataConfig
@@ -33,6 +31,9 @@ from versatune_ds.data.records import Record
 from versatune_ds.data.sources import SKIP_HINT
 from versatune_ds.data.templates import ChatTemplate, tokenize_batch
 from versatune_ds.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def process_rank() -> int:
 @contextlib.contextmanager
 def _datasets_progress(show: bool) -> Iterator[None]:
     """Show or hide the `datasets` progress bars for one call, restoring the previous state (a library switch)."""
+    from datasets.utils import logging as datasets_logging
+
     was_enabled = datasets_logging.is_progress_bar_enabled()
     if was_enabled and not show:
         datasets_logging.disable_progress_bar()
@@ -72,6 +75,10 @@ def tokenize_records(
     """Tokenize, then apply data.on_bad_row (template errors) and data.truncation, in row order."""
     if not records:
         return empty_tokenized()
+    # Imported here, not at the top: `datasets` (with pandas and pyarrow) adds about a second to every rank's
+    # start-up, and only the process that tokenizes needs it (the others read the cache).
+    from datasets import Dataset
+
     dataset = Dataset.from_dict({"conversation": [r.conversation_json() for r in records]})
     num_proc = min(data_cfg.num_proc, max(1, len(records) // 64))
     rank_zero = process_rank() == 0

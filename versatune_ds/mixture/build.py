@@ -78,6 +78,11 @@ def build_weight_policy(
         reference, source, reference_items = resolve_reference_losses(
             m, domains, data, run_dir, env, given=reference_losses, evaluate_model=evaluate_model, example_ids=example_ids
         )
+    if dynamic and m.rule == "official" and env.is_main:
+        # Measured in bench/quality_tiny.py: 15 updates gave the highest-loss domain 99 % of the weight.
+        logger.warning("mixture.rule=official has no floor, cap or smoothing: its updates compound (w ∝ w0·exp(Σ losses)) "
+                       "and can give one domain all the data; it is there to compare with the released code "
+                       "(mixture.rule=versatune is the guarded rule)")
     if target_id is not None and not dynamic and m.strategy not in ("target_only", "target_plus_uniform"):
         logger.warning("mixture.target_domain is set but strategy %r is static; the target ramp applies to 'versatune' only", m.strategy)
     policy = MixturePolicy(

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from versatune_ds.domains import Domains
 from versatune_ds.engine.models import load_inference_model
 from versatune_ds.errors import UserError
 from versatune_ds.files import write_json_atomic
+from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR, read_distribution  # noqa: F401 (re-exported)
 from versatune_ds.probe.embedding import INSTALL_HINT, embedder_available
 from versatune_ds.probe.estimators import (  # noqa: F401 (mean_probability_confusion: part of this module's API)
     DistributionEstimate,
@@ -53,8 +53,6 @@ from versatune_ds.probe.training import (  # noqa: F401 (re-exported: the probe'
 
 logger = logging.getLogger(__name__)
 
-PROBE_DIR = "probe"
-DISTRIBUTION_FILE = "distribution.json"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,19 +93,6 @@ def write_distribution(probe_dir: Path, domains: Domains, estimate: Distribution
         "confidence": estimate.confidence, **extra,
     })
     return path
-
-
-def read_distribution(path: str | os.PathLike[str], domains: Domains) -> np.ndarray:
-    """p by domain id from a distribution.json (mixture.distribution); its domains must be this run's."""
-    file = Path(path)
-    try:
-        document = json.loads(file.read_text(encoding="utf-8"))
-        names, p = list(document["domains"]), [float(x) for x in document["p"]]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"mixture.distribution: cannot read a distribution from {file}: {exc}") from None
-    if sorted(names) != sorted(domains.names) or len(p) != len(names):
-        raise UserError(f"mixture.distribution: {file} has domains {names}, the run has {list(domains.names)}")
-    return domains.array_from_mapping(dict(zip(names, p)), key=f"mixture.distribution ({file})")
 
 
 def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] | None = None,

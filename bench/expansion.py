@@ -16,8 +16,9 @@ c_t / c_t(target_only) × 100. R is meaningful only in the paper's regime, where
 above 0 with the whole 95 % interval) and degrades the others (C_nt below 0 with the whole interval); otherwise the
 comparison is reported void, with the reason.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/expansion.py [--parallel 2]
-Finished runs under bench/out/expansion/runs are reused. Writes bench/results/<name>.{json,md,png}.
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/expansion.py [--parallel 2]      # 60 steps -> expansion
+    ... bench/expansion.py --steps 300 --work-dir bench/out/expansion --results-name expansion_300steps
+Finished runs under the work dir made with the same flags are reused. Writes bench/results/<name>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--targets", nargs="+", default=["code", "medicine"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
+    # 60 steps: target_only then gains on its target and degrades the others (the paper's regime). At the tiny tier's
+    # 300-step forgetting regime it makes ~8 passes over the target's 600 rows and loses on the target too.
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=10)
@@ -115,7 +118,7 @@ def main() -> int:
     parser.add_argument("--ramp-steps", type=int, default=None, help="default: 3/4 of --steps")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--base-dir", default=str(qc.OUT / "tiny_base"))
-    parser.add_argument("--work-dir", default=str(qc.OUT / "expansion"))
+    parser.add_argument("--work-dir", default=None, help="default: bench/out/expansion_<steps>steps")
     parser.add_argument("--results-name", default="expansion")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -127,7 +130,7 @@ def main() -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ramp = args.ramp_steps if args.ramp_steps is not None else args.steps * 3 // 4
     started = time.perf_counter()
-    work = Path(args.work_dir).resolve()
+    work = Path(args.work_dir or qc.OUT / f"expansion_{args.steps}steps").resolve()
     base = qc.open_base(Path(args.base_dir).resolve())
     probe = qc.ensure_probe(base, num_samples=300, max_new_tokens=48)
     before = qc.ensure_base_eval(base)

@@ -330,12 +330,14 @@ def signal_midrun_then_wait_for_the_requeued_run(cluster: SlurmCluster, job: int
 
     wait_for(ready, JOB_TIMEOUT_S, f"7 logged steps and a checkpoint in {run_dir}")
     cluster.client(["scancel", "--batch", "--signal=USR1", str(job)])
-    # Slurm holds a requeued job back for about two minutes (its BeginTime); start it at once to save test time.
+    # Slurm holds a requeued job back for about two minutes (its BeginTime); start it sooner to save test time, but
+    # not within the second of the requeue: slurmd revoked the old run's credential at a one-second resolution, and a
+    # new credential issued in that same second is refused too ("Job credential revoked": the job FAILS).
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         info = cluster.job_info(job)
         if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
-            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            cluster.client(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], check=False)
             break
         if info.get("JobState") in FINISHED_STATES:
             break

@@ -54,7 +54,6 @@ from versatune_ds.probe.training import (  # noqa: F401 (re-exported: the probe'
 logger = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Classification and the distribution
 

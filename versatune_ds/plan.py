@@ -30,7 +30,7 @@ from versatune_ds.domains import Domains
 from versatune_ds.errors import UserError
 from versatune_ds.mixture import composition
 from versatune_ds.mixture.build import initial_share_weights, units_per_item_from_data
-from versatune_ds.probe.distribution import read_distribution
+from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR, read_distribution
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def config_weights(cfg: RunConfig, domains: Domains, data: PreparedData) -> tupl
     distribution = None
     source = f"strategy {m.strategy}"
     if m.strategy in composition.DISTRIBUTION_STRATEGIES:
-        path = Path(m.distribution) if m.distribution else Path(cfg.train.run_dir) / "probe" / "distribution.json"
+        path = Path(m.distribution) if m.distribution else Path(cfg.train.run_dir) / PROBE_DIR / DISTRIBUTION_FILE
         if not path.is_file():
             where = f"mixture.distribution: file not found: {path}" if m.distribution else (
                 f"mixture.distribution is not set and {path} does not exist"

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from versatune_ds.files import write_bytes_atomic, write_text_atomic
+from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def build_report(run_dir: str | os.PathLike[str]) -> Path:
     out = run / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     config = _read_config(run)
-    distribution = _read_json(run / "probe" / "distribution.json")
+    distribution = _read_json(run / PROBE_DIR / DISTRIBUTION_FILE)
     mixture_doc = _read_json(run / "mixture.json")
     records = read_metrics(run / "metrics.jsonl")
     names = domain_names(config, mixture_doc, distribution, records)

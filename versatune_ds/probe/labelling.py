@@ -22,12 +22,12 @@ from versatune_ds.config.loading import load_config
 from versatune_ds.data.sources import read_rows
 from versatune_ds.errors import UserError
 from versatune_ds.files import write_text_atomic
+from versatune_ds.probe.distribution import PROBE_DIR
 from versatune_ds.probe.reports import ClassifierReport, confusion_lines, report_from_predictions
 from versatune_ds.probe.training import probe_classifier
 
 logger = logging.getLogger(__name__)
 
-PROBE_DIR = "probe"
 CHUNK = 2000  # texts per predict_proba call (bounds memory; progress between chunks)
 
 

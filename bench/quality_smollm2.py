@@ -269,12 +269,12 @@ def main() -> int:
     distribution = work / "probe" / "probe" / "distribution.json"
     timings_path = work / "timings.json"
     tasks = [Task("probe", (*qc.CLI, "probe", "--config", str(config), "--run-dir", str(work / "probe"), "dist.master_port=29610"),
-                  work / "logs" / "probe.log", distribution),
-             *eval_tasks("base", Path(args.model_dir), work, files, args, ())]
+                  work / "logs" / "probe.log", distribution)]
     plain = [s for s in args.strategies if s != "tuned_static"]
     runs: dict[str, list[str]] = {s: [f"{s}_s{seed}" for seed in args.seeds] for s in plain}
     port = 29620
-    trains, evals = [], []
+    # The base model's evaluations go last with the others: training is the long pole, so both slots start on it.
+    trains, evals = [], eval_tasks("base", Path(args.model_dir), work, files, args, ())
     for strategy in plain:
         for name, seed in zip(runs[strategy], args.seeds):
             port += 1

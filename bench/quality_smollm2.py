@@ -19,9 +19,10 @@ the paper's sign (+35.21 %); losses: negative G = better.
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/quality_smollm2.py            # ~6 h on 2 quiet cores (below)
     ... --strategies uniform proportional inverse versatune_static versatune official tuned_static --steps 400 ...  (a GPU)
 Budget on this 2-core machine (measured, one thread per process): a 2048-token SmolLM2 training step takes ~38 s
-(53 tokens/s), one MCQ item ~2.3 s. The defaults (100 steps x 2 rows x 512 tokens, 4 strategies x 2 seeds, 8 tuned
-candidates x 30 steps, 100 MCQ items per domain for 9 models) come to ~7 h of training and ~3.5 h of MCQ on one
-core, ~6 h with two tasks at a time: run it in the background over several sittings.
+(53 tokens/s); one MCQ item took ~2.3 s with a whole row per choice, ~1 s since the question's KV cache serves all
+choices (bench/results/eval_speed.md). The defaults (100 steps x 2 rows x 512 tokens, 4 strategies x 2 seeds, 8 tuned
+candidates x 30 steps, 100 MCQ items per domain for 9 models) come to ~7 h of training and ~1.5 h of MCQ on one
+core, ~5 h with two tasks at a time: run it in the background over several sittings.
 Every task's output file marks it done: an interrupted invocation, run again, starts only what is missing, and a
 killed training run resumes from its last checkpoint (`--checkpoint-every`; `versatune-ds train` resumes exactly).
 The settings that decide results are saved in <work-dir>/settings.json; an invocation with other settings on the

@@ -266,7 +266,7 @@ def test_eval_command_writes_results(tmp_path, tiny_model_dir, tiny):
     # The command's accuracy equals scoring the same subset directly.
     model, tokenizer = tiny
     items = load_mcq_file(mcq_file, 0, max_items=4, seed=0)
-    direct = mcq_accuracy(score_mcq(hf_forward(model), items, tokenizer, batch_size=2, pad_token_id=tokenizer.pad_token_id, env=SINGLE), 1)
+    direct = mcq_accuracy(score_mcq(model, items, tokenizer, batch_size=2, pad_token_id=tokenizer.pad_token_id, env=SINGLE), 1)
     assert law["acc"] == pytest.approx(direct.acc[0]) and law["acc_norm"] == pytest.approx(direct.acc_norm[0])
     assert results["macro"]["acc"] == pytest.approx((law["acc"] + science["acc"]) / 2)
     assert results["macro"]["loss"] == pytest.approx(law["loss"])

@@ -68,7 +68,8 @@ WORKER = textwrap.dedent(
         return forward(batch)
     losses = evaluate_domain_losses(counting, heldout, micro_batch_size=2, pad_token_id=tokenizer.pad_token_id, env=env)
     loss_calls = len(calls)
-    scores = score_mcq(counting, items, tokenizer, batch_size=3, pad_token_id=tokenizer.pad_token_id, env=env)
+    model.register_forward_pre_hook(lambda module, args: calls.append(0))
+    scores = score_mcq(model, items, tokenizer, batch_size=3, pad_token_id=tokenizer.pad_token_id, env=env, device=torch.device("cpu"))
     result = {
         "loss": [None if np.isnan(v) else float(v) for v in losses.loss],
         "tokens": losses.tokens.tolist(),
@@ -110,7 +111,8 @@ def assert_same(single: dict, multi: list[dict]) -> None:
         np.testing.assert_allclose(rank_result["logprobs"], single["logprobs"], atol=1e-5)
     # Lockstep: both ranks ran the same number of forward passes (rank 1 filled with dummy rows).
     assert len({r["loss_calls"] for r in multi}) == 1 and multi[0]["loss_calls"] == 3  # ceil(5 rows / 2)
-    assert len({r["mcq_calls"] for r in multi}) == 1 and multi[0]["mcq_calls"] == 4  # ceil(3 items * 4 / 3)
+    # MCQ: one item per batch (4 choices > batch 3), 3 items on rank 0 -> 3 batches of 2 passes; rank 1 adds a filler
+    assert len({r["mcq_calls"] for r in multi}) == 1 and multi[0]["mcq_calls"] == 6
 
 
 @pytest.mark.timeout(300)

@@ -10,12 +10,11 @@ import pytest
 
 from versatune_ds.dist import DistEnv
 from versatune_ds.errors import UserError
-from versatune_ds.eval.heldout import hf_forward
 from versatune_ds.eval.mcq import (
     ItemScore,
     McqItem,
     PromptFormat,
-    choice_row,
+    choice_request,
     encode_pair,
     load_mcq_file,
     mcq_accuracy,
@@ -47,8 +46,38 @@ BIAS[ord("b")] = 0.5
 LOGP = torch.log_softmax(BIAS, dim=0)
 
 
-def constant_logits(batch):
-    return BIAS.expand(*batch["input_ids"].shape, VOCAB).clone()
+class Output(dict):
+    """What a transformers ModelOutput offers here: `.logits` and `out["cache"]`."""
+
+    logits = property(lambda self: self["logits"])
+
+
+class ConstantLM(torch.nn.Module):
+    """Every position predicts the same distribution (LOGP), whatever the context; counts its forward passes.
+
+    It honours the interface `choice_logprobs` uses: `logits_to_keep`, a returned cache with
+    `batch_select_indices`, and the cache handed back on the second pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False, logits_to_keep=0):
+        self.calls.append(tuple(input_ids.shape))
+        assert attention_mask.shape[1] == input_ids.shape[1] + (0 if cache is None else cache.length)
+        logits = BIAS.expand(*input_ids.shape, VOCAB).clone()
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return Output(logits=logits, cache=FakeCache(input_ids.shape[1]))
+
+
+class FakeCache:
+    def __init__(self, length):
+        self.length = length
+
+    def batch_select_indices(self, indices):
+        pass
 
 
 def expected_loglik(continuation: str) -> float:
@@ -58,7 +87,7 @@ def expected_loglik(continuation: str) -> float:
 def test_hand_computed_logprobs_acc_and_acc_norm():
     # " aa" vs " b": summed log-prob prefers " b" (one fewer token); per-character it prefers "aa".
     item = McqItem(domain_id=0, index=0, question="q?", choices=("aa", "b", "zzzz", "ab"), answer=0)
-    [score] = score_mcq(constant_logits, [item], CharTokenizer(), batch_size=4, pad_token_id=0, env=SINGLE)
+    [score] = score_mcq(ConstantLM(), [item], CharTokenizer(), batch_size=4, pad_token_id=0, env=SINGLE)
     for c, choice in enumerate(item.choices):
         assert score.logprobs[c] == pytest.approx(expected_loglik(" " + choice), abs=1e-5)
     assert score.pred == 1
@@ -68,13 +97,12 @@ def test_hand_computed_logprobs_acc_and_acc_norm():
     assert math.isnan(accuracy.acc[1])
 
 
-def test_context_tokens_are_not_scored_and_prompt_is_lm_eval_style():
+def test_context_and_continuations_are_lm_eval_style():
     item = McqItem(0, 0, "Why?", ("ab", "b"), 1)
-    row = choice_row(item, 0, CharTokenizer(), PromptFormat(), max_length=2048)
-    text = "".join(chr(t) for t in row.input_ids)
-    assert text == "Question: Why?\nAnswer: ab"
-    scored = "".join(chr(t) for t in row.input_ids[row.labels != -100])
-    assert scored == " ab"
+    request = choice_request(item, CharTokenizer(), PromptFormat(), max_length=2048)
+    assert "".join(map(chr, request.context)) == "Question: Why?\nAnswer:"
+    assert ["".join(map(chr, c)) for c in request.continuations] == [" ab", " b"]
+    assert request.key == (0, 0)
 
 
 def test_trailing_context_space_moves_to_the_continuation():
@@ -94,10 +122,13 @@ def test_continuation_is_the_token_difference(tiny_model_dir):
     assert tokenizer.decode(ctx + cont) == context + continuation
 
 
-def test_truncation_keeps_the_continuation():
+def test_truncation_cuts_the_oldest_context_tokens_and_keeps_the_continuations():
     item = McqItem(0, 0, "x" * 100, ("ab", "b"), 0)
-    row = choice_row(item, 0, CharTokenizer(), PromptFormat(), max_length=10)
-    assert row.num_tokens == 10 and int((row.labels != -100).sum()) == 3
+    request = choice_request(item, CharTokenizer(), PromptFormat(), max_length=10)
+    assert len(request.context) == 7 and "".join(map(chr, request.context)) == "Answer:"  # 10 - len(" ab")
+    assert ["".join(map(chr, c)) for c in request.continuations] == [" ab", " b"]
+    with pytest.raises(UserError, match=r"item 0 of domain id 0: choice 0 is 3 tokens, at least --max-length \(3\)"):
+        choice_request(item, CharTokenizer(), PromptFormat(), max_length=3)
 
 
 @pytest.fixture(scope="module")
@@ -117,23 +148,28 @@ def make_items(n: int, domains: int = 2) -> list[McqItem]:
     return items
 
 
-def test_batch_invariance_and_manual_forward(tiny):
+def test_shared_context_scores_equal_whole_rows_at_any_batch_size(tiny):
     model, tokenizer = tiny
     items = make_items(6)
-    one = score_mcq(hf_forward(model), items, tokenizer, batch_size=1, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
-    eight = score_mcq(hf_forward(model), items, tokenizer, batch_size=8, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
-    np.testing.assert_allclose([s.logprobs for s in one], [s.logprobs for s in eight], atol=1e-5)
-    # Manual: one forward of context+choice, log_softmax, sum over the continuation positions.
-    item = items[3]
-    context = "Question: " + item.question + "\nAnswer:"
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    for c, choice in enumerate(item.choices):
-        whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), dim=-1)
-        manual = sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
-        score = next(s for s in one if (s.domain_id, s.index) == (item.domain_id, item.index))
-        assert score.logprobs[c] == pytest.approx(manual, abs=1e-5)
+    # Contexts of very different lengths in one batch (left padding) and items with 2, 3 and 5 choices.
+    items.append(McqItem(0, 3, "Why? " * 40, ("yes", "no"), 0))
+    items.append(McqItem(1, 3, "A", ("fever", "cough", "a long answer about the sea and the court", "x", "y"), 2))
+    items.append(McqItem(0, 4, "What did the court hold in the contract dispute?", ("void", "valid", "moot"), 1))
+    one = score_mcq(model, items, tokenizer, batch_size=1, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
+    twenty = score_mcq(model, items, tokenizer, batch_size=20, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
+    assert [(s.domain_id, s.index) for s in one] == sorted((i.domain_id, i.index) for i in items)
+    # Manual: one forward of each whole context+choice row alone, log_softmax, sum over the continuation positions.
+    for item in items:
+        context = "Question: " + item.question + "\nAnswer:"
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        scores = [next(s for s in run if (s.domain_id, s.index) == (item.domain_id, item.index)) for run in (one, twenty)]
+        for c, choice in enumerate(item.choices):
+            whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), dim=-1)
+            manual = sum(float(logp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
+            for score in scores:
+                assert score.logprobs[c] == pytest.approx(manual, abs=1e-4)
 
 
 def test_simulated_ranks_run_equal_forward_passes():
@@ -141,16 +177,19 @@ def test_simulated_ranks_run_equal_forward_passes():
     counts = []
     for rank in range(3):
         env = DistEnv(rank, 3, rank, "127.0.0.1", 0, "torch")
-        calls = []
-
-        def counting(batch, calls=calls):
-            calls.append(1)
-            return constant_logits(batch)
-
-        scores = score_mcq(counting, items, CharTokenizer(), batch_size=3, pad_token_id=0, env=env)
+        model = ConstantLM()
+        scores = score_mcq(model, items, CharTokenizer(), batch_size=8, pad_token_id=0, env=env)
         assert len(scores) == len(dist_share(5, 3, rank))  # no process group: only the local share comes back
-        counts.append(len(calls))
-    assert counts == [3, 3, 3]  # rank 0 has 2 items = 8 rows -> ceil(8/3); rank 2 has 1 item -> 2 real + 1 dummy
+        assert all(s.logprobs[0] == pytest.approx(expected_loglik(" a"), abs=1e-5) for s in scores)
+        counts.append(len(model.calls))
+    # 8 choices per batch = 2 items; shares 2, 2, 1 -> one batch of two forward passes everywhere
+    assert counts == [2, 2, 2]
+    counts = []
+    for rank in range(3):
+        model = ConstantLM()
+        score_mcq(model, items, CharTokenizer(), batch_size=3, pad_token_id=0, env=DistEnv(rank, 3, rank, "127.0.0.1", 0, "torch"))
+        counts.append(len(model.calls))
+    assert counts == [4, 4, 4]  # one item per batch (4 choices > 3): 2 batches; rank 2 adds a filler
 
 
 def dist_share(n, world, rank):
@@ -162,11 +201,11 @@ def dist_share(n, world, rank):
 def test_chat_template_format(tiny):
     _, tokenizer = tiny
     item = McqItem(0, 0, "Why?", ("yes", "no"), 0)
-    row = choice_row(item, 0, tokenizer, PromptFormat.chat(), max_length=2048)
-    text = tokenizer.decode(row.input_ids)
+    request = choice_request(item, tokenizer, PromptFormat.chat(), max_length=2048)
+    text = tokenizer.decode(list(request.context) + list(request.continuations[0]))
     assert text.startswith("<s><|user|>\nQuestion: Why?\nAnswer:") and text.endswith("<|assistant|>\nyes")
     with pytest.raises(UserError, match="no chat template"):
-        choice_row(item, 0, CharTokenizer(), PromptFormat.chat(), max_length=2048)
+        choice_request(item, CharTokenizer(), PromptFormat.chat(), max_length=2048)
 
 
 def test_load_mcq_file_subset_and_errors(tmp_path):

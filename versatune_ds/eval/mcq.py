@@ -11,12 +11,14 @@ user turn holding "Question: ...\\nAnswer:" with the generation prompt added, an
 template already ends the prompt, usually with a newline).
 
 Scoring: for each choice, log-likelihood = sum over the continuation's tokens of log p(token | everything
-before), computed as minus the summed cross-entropy of `evaluate.batch_loss_sums` with labels set on the
-continuation only (same fp32 shift-by-one as the held-out loss). Token boundary as lm-eval's `_encode_pair`:
-trailing spaces of the context move to the continuation, then context+continuation and the context are
-tokenized (no special tokens unless `add_bos`), and the continuation tokens are the difference
-`whole[len(context_tokens):]`; the model sees context_tokens + continuation_tokens. When that is longer
-than `max_length` the oldest context tokens are cut.
+before), log-softmax in fp32. Token boundary as lm-eval's `_encode_pair`: trailing spaces of the context move
+to the continuation, then context+continuation and the context are tokenized (no special tokens unless
+`add_bos`), and the continuation tokens are the difference `whole[len(context_tokens):]`; the model sees
+context_tokens + continuation_tokens. The context's tokens are the same for every choice, so it runs once per
+item and its KV cache serves all choices (`choice_logprobs`); lm-eval runs each choice's whole row, which
+gives the same numbers up to float rounding at ~3x the tokens. When context + the longest continuation are
+longer than `max_length` the oldest context tokens are cut; a continuation of `max_length` tokens or more is
+an error.
 
 Metrics per item: `acc` = argmax of the log-likelihoods is the answer; `acc_norm` = argmax of
 log-likelihood / len(choice), the choice's length in *characters* (Python `len` of the choice text without
@@ -24,12 +26,14 @@ the delimiter). This is exactly lm-eval's `acc_norm` (`completion_len = [float(l
 lm-eval's byte-length variant is a separate metric (`acc_bytes`) and is not computed here.
 
 Distribution: items are split into even contiguous shares per rank; every rank runs the same number of
-forward passes (dummy rows fill short ranks, DESIGN.md section 4) and the per-item results are gathered,
-so every rank (rank 0 in particular) ends with all of them, ordered by (domain id, item index).
+batches, two forward passes each (a one-token filler item fills short ranks, DESIGN.md section 4), and the
+per-item results are gathered, so every rank (rank 0 in particular) ends with all of them, ordered by
+(domain id, item index).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -38,13 +42,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from versatune_ds import dist
 from versatune_ds.data.encoding import decode_utf8
-from versatune_ds.data.packing import IGNORE_INDEX, Row, collate_rows
 from versatune_ds.errors import UserError
-from versatune_ds.eval.heldout import ForwardFn, batch_loss_sums, lockstep_batches, lockstep_num_batches
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ def _parse_item(line: str, where: str, domain_id: int, index: int) -> McqItem:
 
 
 # ----------------------------------------------------------------------------------------------
-# Requests (one per choice)
+# Requests (one per item: the shared context and one continuation per choice)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_bos: bool) -> list[int]:
@@ -178,31 +181,97 @@ def context_text(item: McqItem, tokenizer: PreTrainedTokenizerBase, fmt: PromptF
     return text
 
 
-def choice_row(item: McqItem, choice: int, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, max_length: int) -> Row:
-    """One scoring row: labels are the continuation tokens, everything else -100."""
-    context_ids, continuation_ids = encode_pair(
-        tokenizer, context_text(item, tokenizer, fmt), fmt.target_delimiter + item.choices[choice], add_bos=fmt.add_bos
-    )
-    if not continuation_ids:
-        raise UserError(f"item {item.index} of domain id {item.domain_id}: choice {choice} tokenizes to nothing")
-    ids = np.array(context_ids + continuation_ids, dtype=np.int64)[-max_length:]
-    labels = ids.copy()
-    labels[: max(len(ids) - len(continuation_ids), 1)] = IGNORE_INDEX  # the first token can never be scored
-    return Row(
-        domain_id=item.domain_id,
-        input_ids=ids,
-        labels=labels,
-        position_ids=np.arange(len(ids), dtype=np.int64),
-        example_indices=(item.index, choice),
-    )
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """One item's tokens: the context every choice shares and one continuation per choice."""
+
+    key: tuple[int, int]  # (domain id, item index); () for a lockstep filler
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+
+def choice_request(item: McqItem, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, max_length: int) -> ChoiceRequest:
+    """The item's context and continuations; when context + the longest continuation exceed `max_length`, the
+    oldest context tokens are cut (at least one is kept)."""
+    text = context_text(item, tokenizer, fmt)
+    pairs = [encode_pair(tokenizer, text, fmt.target_delimiter + choice, add_bos=fmt.add_bos) for choice in item.choices]
+    context = pairs[0][0]
+    where = f"item {item.index} of domain id {item.domain_id}"
+    for choice, (ctx, continuation) in enumerate(pairs):
+        if not continuation:
+            raise UserError(f"{where}: choice {choice} tokenizes to nothing")
+        if len(continuation) >= max_length:
+            raise UserError(f"{where}: choice {choice} is {len(continuation)} tokens, at least --max-length ({max_length}); raise --max-length")
+        # The context's tokens never depend on the continuation (encode_pair tokenizes it alone), so one prefix serves all.
+        assert ctx == context, "context tokens differ between choices"
+    longest = max(len(continuation) for _, continuation in pairs)
+    context = context[-max(max_length - longest, 1) :]
+    return ChoiceRequest((item.domain_id, item.index), tuple(context), tuple(tuple(c) for _, c in pairs))
+
+
+def filler_request(pad_token_id: int) -> ChoiceRequest:
+    """A one-token context with one one-token choice: keeps a rank with fewer items in lockstep, scores nothing."""
+    return ChoiceRequest((), (pad_token_id,), ((pad_token_id,),))
 
 
 # ----------------------------------------------------------------------------------------------
 # Scoring
 
 
+def choice_logprobs(model: torch.nn.Module, requests: Sequence[ChoiceRequest], *, pad_token_id: int, device: torch.device) -> list[list[float]]:
+    """Summed log-probabilities of every request's continuations, in exactly two forward passes.
+
+    1. The contexts, left-padded so that all end in the last column, with the KV cache on; only the last
+       position's logits are kept (`logits_to_keep`): they predict each continuation's first token.
+    2. The cache is copied once per choice (`batch_select_indices`) and all continuations, right-padded, run on
+       top of it with positions continuing their context's.
+    Each context is thus computed once per item instead of once per choice (~3x fewer tokens on 4-choice items
+    whose question is longer than its answers). Equal to scoring every context + continuation row alone up
+    to float rounding (tests/test_mcq.py).
+    """
+    contexts = _left_padded([r.context for r in requests], pad_token_id)
+    context_mask = (torch.arange(contexts.shape[1])[None, :] >= contexts.shape[1] - torch.tensor([len(r.context) for r in requests])[:, None]).long()
+    accepted = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    cache_key = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
+    with torch.no_grad():
+        out = model(input_ids=contexts.to(device), attention_mask=context_mask.to(device),
+                    position_ids=(context_mask.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True, **keep)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [items, V]
+        owner = torch.tensor([b for b, r in enumerate(requests) for _ in r.continuations])
+        cache = out[cache_key]
+        cache.batch_select_indices(owner.to(device))
+        continuations = [c for r in requests for c in r.continuations]
+        width = max(len(c) for c in continuations)
+        tokens = torch.full((len(continuations), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for k, c in enumerate(continuations):
+            tokens[k, : len(c)] = torch.tensor(c)
+            mask[k, : len(c)] = 1
+        positions = context_mask.sum(1)[owner][:, None] + torch.arange(width)[None, :]
+        logits = model(input_ids=tokens.to(device), attention_mask=torch.cat([context_mask[owner], mask], 1).to(device),
+                       position_ids=positions.to(device), use_cache=True, **{cache_key: cache}).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # position j predicts token j + 1
+        first_token = first[owner.to(device), tokens[:, 0].to(device)]
+        later = logp[:, :-1].gather(-1, tokens[:, 1:, None].to(device))[..., 0] * mask[:, 1:].to(device)
+        sums = (first_token + later.sum(1)).double().cpu().tolist()
+    result, k = [], 0
+    for r in requests:
+        result.append(sums[k : k + len(r.continuations)])
+        k += len(r.continuations)
+    return result
+
+
+def _left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    for b, s in enumerate(sequences):
+        out[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
 def score_mcq(
-    forward_fn: ForwardFn,
+    model: torch.nn.Module,
     items: Sequence[McqItem],
     tokenizer: PreTrainedTokenizerBase,
     *,
@@ -211,37 +280,42 @@ def score_mcq(
     env: dist.DistEnv,
     fmt: PromptFormat = PromptFormat(),
     max_length: int = 2048,
+    device: torch.device | None = None,
 ) -> list[ItemScore]:
-    """Score every item's choices; call on ALL ranks with the same `items`. Returns all scores on every rank."""
+    """Score every item's choices; call on ALL ranks with the same `items`. Returns all scores on every rank.
+
+    `model` is a Hugging Face causal LM (a ZeRO-3 engine's `module` too). A batch holds up to `batch_size`
+    choices (whole items, at least one): `batch_size // most choices of any item` items.
+    """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    shares = [sum(len(items[i].choices) for i in dist.even_shard(len(items), env.world_size, r)) for r in range(env.world_size)]
+    device = device if device is not None else next(model.parameters()).device
+    per_batch = max(1, batch_size // max((len(i.choices) for i in items), default=1))
+    largest_share = max(len(dist.even_shard(len(items), env.world_size, r)) for r in range(env.world_size))
+    num_batches = math.ceil(largest_share / per_batch)  # every rank knows every share: no collective needed
     mine = [items[i] for i in dist.even_shard(len(items), env.world_size, env.rank)]
-    rows = [choice_row(item, c, tokenizer, fmt, max_length) for item in mine for c in range(len(item.choices))]
-    # Longest first keeps padding low, with a fixed tie order (results do not depend on it beyond float noise).
-    order = sorted(range(len(rows)), key=lambda k: (-rows[k].num_tokens, k))
-    rows = [rows[k] for k in order]
-    num_batches = lockstep_num_batches(shares, batch_size)
-    loglik: dict[tuple[int, int, int], float] = {}
-    for batch_rows in lockstep_batches(rows, num_batches, batch_size, pad_token_id):
-        batch = collate_rows(batch_rows, pad_token_id=pad_token_id, packed=False)
-        sums, _ = batch_loss_sums(forward_fn, batch)
-        for row, s in zip(batch_rows, sums):
-            if row.example_indices:  # dummy rows have none
-                loglik[(row.domain_id, *row.example_indices)] = -float(s)
+    requests = [choice_request(item, tokenizer, fmt, max_length) for item in mine]
+    # Longest context first keeps padding low; the tie order is fixed.
+    requests.sort(key=lambda r: (-len(r.context), r.key))
+    loglik: dict[tuple[int, int], list[float]] = {}
+    for b in range(num_batches):
+        batch = requests[b * per_batch : (b + 1) * per_batch] or [filler_request(pad_token_id)]
+        for request, sums in zip(batch, choice_logprobs(model, batch, pad_token_id=pad_token_id, device=device)):
+            if request.key:
+                loglik[request.key] = sums
     local = [
         ItemScore(
             domain_id=item.domain_id,
             index=item.index,
             answer=item.answer,
-            logprobs=tuple(loglik[(item.domain_id, item.index, c)] for c in range(len(item.choices))),
+            logprobs=tuple(loglik[(item.domain_id, item.index)]),
             choice_chars=tuple(len(c) for c in item.choices),
         )
         for item in mine
     ]
     gathered = [score for part in dist.all_gather_objects(local) for score in part]
     gathered.sort(key=lambda s: (s.domain_id, s.index))
-    logger.debug("mcq: %d items, %d forward passes per rank", len(gathered), num_batches)
+    logger.debug("mcq: %d items, %d batches (2 forward passes each) per rank", len(gathered), num_batches)
     return gathered
 
 

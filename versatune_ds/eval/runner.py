@@ -156,8 +156,8 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
     if items:
         fmt = mcq.PromptFormat.chat() if request.chat_template else mcq.PromptFormat()
         scores = mcq.score_mcq(
-            forward, items, tokenizer, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, env=env,
-            fmt=fmt, max_length=request.max_length,
+            model.module, items, tokenizer, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, env=env,
+            fmt=fmt, max_length=request.max_length, device=model.device,
         )
         accuracy = mcq.mcq_accuracy(scores, len(domains))
     del model

@@ -112,6 +112,8 @@ def to_json(scores: dict[str, list[ItemLosses]], domains: Sequence[str]) -> dict
         out[name] = {}
         for domain, items in zip(domains, per_domain):
             mean, se = items.mean_se()
+            # JSON has no NaN: a domain with no scored item has no loss, one with a single item no standard error.
+            mean, se = (value if np.isfinite(value) else None for value in (mean, se))
             out[name][domain] = {"loss": mean, "se": se, "tokens": float(items.counts.sum()), "items": int(items.sums.size),
                                  "sums": [round(float(x), 5) for x in items.sums], "counts": items.counts.astype(int).tolist()}
     return out
@@ -166,7 +168,7 @@ def main() -> int:
             doc.update(to_json({set_name: scores[set_name]}, [d for d, _ in pairs[kind]]))
     doc["seconds"] = time.perf_counter() - started
     write_json_atomic(args.out, doc)
-    print(json.dumps({s: {d: round(v["loss"], 4) for d, v in doc[s].items()} for s in scores}))
+    print(json.dumps({s: {d: None if v["loss"] is None else round(v["loss"], 4) for d, v in doc[s].items()} for s in scores}))
     return 0
 
 

@@ -126,16 +126,26 @@ def plot(results: dict, path: Path, dynamic: tuple[str, ...]) -> None:
     x = np.arange(len(qc.DOMAINS))
     names = ["base", *results["strategies"]]
     width = 0.8 / len(names)
-    panels = (("mcq", "MCQ acc (fixed subset; higher is better)"), ("sft_test", "sft_test loss (lower is better)"),
-              ("raw_test", "raw_test loss (lower is better)"))
+    panels = (("mcq", "MCQ acc (fixed subset; higher is better)"),
+              ("sft_test", "sft_test loss, % change vs base (the ability learnt; below 0 = better)"),
+              ("raw_test", "raw_test loss, % change vs base (the knowledge kept; above 0 = forgetting)"))
     for ax, (metric, title) in zip(axes.flat, panels):
+        base = np.array(results["base"][metric], dtype=np.float64)
+        # Losses move by a few per cent: bars from zero would hide them, so the loss panels show the change vs the base.
+        relative = metric != "mcq"
         for i, name in enumerate(names):
             if name == "base":
-                ax.bar(x + i * width, results["base"][metric], width, label="base", color="lightgray")
-            else:
-                r = results["results"][name][metric]
-                ax.bar(x + i * width, [r["mean"][d] for d in qc.DOMAINS], width, yerr=[r["std_over_seeds"][d] for d in qc.DOMAINS],
-                       capsize=2, label=f"{name} (S={r['S_mean']:.3f})")
+                if not relative:
+                    ax.bar(x + i * width, base, width, label="base", color="lightgray")
+                continue
+            r = results["results"][name][metric]
+            mean = np.array([r["mean"][d] for d in qc.DOMAINS])
+            std = np.array([r["std_over_seeds"][d] for d in qc.DOMAINS])
+            if relative:
+                mean, std = (mean - base) / base * 100, std / base * 100
+            ax.bar(x + i * width, mean, width, yerr=std, capsize=2, label=f"{name} (S={r['S_mean']:.3f})")
+        if relative:
+            ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(x + 0.4 - width / 2, qc.DOMAINS, rotation=20)
         ax.set_title(f"{title}, ± std over seeds", fontsize=9)
         ax.legend(fontsize=7)

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (with --config)")
     parser.add_argument("--heldout", nargs="+", default=[], metavar="DOMAIN=PATH", help="SFT files for held-out loss")
     parser.add_argument("--mcq", nargs="+", default=[], metavar="DOMAIN=PATH", help="multiple-choice JSONL files")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default: eval.micro_batch_size)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward: held-out examples, or MCQ choices (whole items, at least one; default: eval.micro_batch_size)")
     parser.add_argument("--max-items", type=int, default=None, help="per domain, a fixed-seed subset of this size")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --max-items subset")
     parser.add_argument("--max-length", type=int, default=2048, help="MCQ: longest scored sequence (context cut)")

@@ -31,6 +31,26 @@ def _losses(doc: dict, name: str) -> np.ndarray:
     return np.array([doc[name][d]["loss"] for d in qc.DOMAINS])
 
 
+def _item_scores(paths: list[Path], metric: str) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+    """Per domain, sums [seeds, items] and counts [items] of one model's runs (one path per seed):
+    MCQ hits (1/0, counts 1) from `versatune-ds eval`'s per-item records, or the per-item loss sums and scored
+    tokens of bench/domain_eval.py. None when an MCQ file has no per-item records (written before they existed)."""
+    docs = [json.loads(path.read_text()) for path in paths]
+    sums, counts = [], []
+    for d in qc.DOMAINS:
+        if metric.startswith("mcq"):
+            if any("mcq_items" not in doc for doc in docs):
+                return None
+            key = "pred_norm" if metric == "mcq_norm" else "pred"
+            sums.append(np.array([[float(r[key] == r["answer"]) for r in doc["mcq_items"][d]] for doc in docs]))
+            counts.append(np.ones(sums[-1].shape[1]))
+        else:
+            items = [from_json(doc, metric, [d])[0] for doc in docs]
+            sums.append(np.array([i.sums for i in items]))
+            counts.append(items[0].counts)
+    return sums, counts
+
+
 def verdict(ci: stats.BootstrapCI, higher_is_better: bool) -> str:
     if ci.low > 0:
         return "better" if higher_is_better else "worse"
@@ -79,6 +99,7 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
         entry["weights_seed0"] = {"steps": steps, "weights": weights.tolist()}
         entry["sft_val_curve_seed0"] = {str(k): v.tolist() for k, v in qc.eval_losses(work / "runs" / names[0]).items()}
         strategies[strategy] = entry
+    items = item_level_replicates(runs, evals, len(args.seeds))
     comparisons: dict[str, dict] = {}
     for reference in ("uniform", "tuned_static"):
         if reference not in per_seed:
@@ -90,10 +111,22 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
             ref, mine = per_seed[reference], per_seed[strategy]
             entry = {}
             for metric in ("mcq", "mcq_norm", "sft_test", "raw_test"):
+                higher = metric.startswith("mcq")
                 gain = stats.paired_bootstrap_gain(mine[metric], ref[metric])
-                entry[f"G_{metric}"] = {**ci_dict(gain), "verdict": verdict(gain, metric.startswith("mcq"))}
                 diff = stats.paired_bootstrap_difference(mine[f"worst_{metric}"], ref[f"worst_{metric}"])
-                entry[f"worst_{metric}_diff"] = {**ci_dict(diff), "verdict": verdict(diff, metric.startswith("mcq"))}
+                entry[f"G_{metric}_over_seeds"] = {**ci_dict(gain), "verdict": verdict(gain, higher)}
+                entry[f"worst_{metric}_diff_over_seeds"] = {**ci_dict(diff), "verdict": verdict(diff, higher)}
+                if metric in items:
+                    # The verdicts use the interval over seeds and items (see versatune_ds.eval.stats): it covers the item noise.
+                    reps = items[metric]
+                    s_mine, s_ref = reps[strategy].mean(axis=1), reps[reference].mean(axis=1)
+                    usable = s_ref > 0  # a replicate that drew only misses of the reference has no relative gain
+                    gain = stats.percentile_ci(gain.estimate, (s_mine[usable] - s_ref[usable]) / s_ref[usable] * 100)
+                    worst = lambda r: worst_change(r, reps["base"], higher)  # noqa: E731
+                    diff = stats.percentile_ci(diff.estimate, worst(reps[strategy]) - worst(reps[reference]))
+                entry[f"G_{metric}"] = {**ci_dict(gain), "verdict": verdict(gain, higher), "interval": "seeds and items" if metric in items else "seeds"}
+                entry[f"worst_{metric}_diff"] = {**ci_dict(diff), "verdict": verdict(diff, higher),
+                                                 "interval": "seeds and items" if metric in items else "seeds"}
             comparisons[reference][strategy] = entry
     doc = json.loads(distribution.read_text())
     order = [doc["domains"].index(d) for d in qc.DOMAINS]
@@ -105,9 +138,35 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
         "mcq_subset": "per domain file: sorted(np.random.default_rng(0).permutation(rows)[:N]) (versatune_ds.eval.mcq.load_mcq_file)",
         "results": strategies, "comparisons": comparisons, "tuned_static": selection,
         "timings": timings, "machine": qc.machine_info(), "versions": qc.versions(),
-        "formulas": {"S": "S = (1/6) * sum_d s_d per seed", "G": "G = (S - S_ref) / S_ref * 100 of the seed means; paired bootstrap 95 % CI over seeds",
+        "formulas": {"S": "S = (1/6) * sum_d s_d per seed", "G": "G = (S - S_ref) / S_ref * 100 of the seed means; paired bootstrap 95 % CI over seeds and items "
+                          "(versatune_ds.eval.stats.bootstrap_domain_scores; the CI over seeds alone is kept as *_over_seeds)",
                      "paper": f"G = +{PAPER_G_PCT} % (VersaTune vs uniform domain weights, benchmark accuracy; arXiv 2411.11266)"},
     }
+
+
+def item_level_replicates(runs: dict[str, list[str]], evals: Path, num_seeds: int, *, num_bootstrap: int = 10_000) -> dict[str, dict[str, np.ndarray]]:
+    """{metric: {model: per-domain scores [B, D] per bootstrap replicate}} with draws shared by every model (paired
+    by seed and by item), the base model included (not resampled over seeds). Metrics whose per-item files are
+    missing are left out."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for metric in ("mcq", "mcq_norm", "sft_test", "raw_test"):
+        kind = "mcq" if metric.startswith("mcq") else "losses"
+        base = _item_scores([evals / f"{kind}_base.json"], metric)
+        models = {strategy: _item_scores([evals / f"{kind}_{n}.json" for n in names], metric) for strategy, names in runs.items()}
+        if base is None or any(v is None for v in models.values()):
+            continue
+        draws = stats.seed_item_draws(num_seeds, [c.size for c in base[1]], num_bootstrap=num_bootstrap, seed=2411)
+        out[metric] = {"base": stats.bootstrap_domain_scores(*base, draws)}
+        out[metric].update({strategy: stats.bootstrap_domain_scores(*v, draws) for strategy, v in models.items()})
+    return out
+
+
+def worst_change(scores: np.ndarray, base: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Per replicate, the worst domain's change vs the base: MCQ the largest drop in points (min of the change),
+    losses the largest rise in % (max)."""
+    if higher_is_better:
+        return ((scores - base) * 100).min(axis=1)
+    return ((scores - base) / base * 100).max(axis=1)
 
 
 def _argv() -> list[str]:
@@ -205,8 +264,10 @@ def markdown(results: dict, name: str) -> str:
         f"Command: `{results['command']}`; machine {results['machine']}; versions {results['versions']}; seeds {results['seeds']}.", "",
         "## Does VersaTune beat uniform mixing, and the tuned static mix?", "",
         *(headline or ["- (versatune or a baseline was not run)"]), "",
-        f"G = (S − S_ref) / S_ref × 100, S = mean over the 6 domains per seed; paired bootstrap 95 % CI over the {len(results['seeds'])} seeds "
-        f"(with 2 seeds it spans the two seeds' values only: a floor on the uncertainty, not a full interval). MCQ accuracy: positive G = "
+        f"G = (S − S_ref) / S_ref × 100, S = mean over the 6 domains per seed. Intervals: paired bootstrap 95 % over the "
+        f"{len(results['seeds'])} seeds **and** the items (every replicate draws one multiset of seeds and, per domain, one of items, "
+        "the same for every model: `versatune_ds.eval.stats.bootstrap_domain_scores`); a CI over seeds alone would span only the "
+        f"{len(results['seeds'])} seeds' values and ignore the item noise (it is kept in the JSON as `*_over_seeds`). MCQ accuracy: positive G = "
         f"better (the paper's sign; the paper reports G = +{PAPER_G_PCT} % vs uniform); losses: negative G = better. With {n} items per "
         f"domain the binomial SE of one domain's accuracy is ≈ {np.sqrt(0.1875 / n):.3f} and of S ≈ {np.sqrt(0.1875 / (6 * n)):.3f}.", "",
         "| strategy | S MCQ acc | G_mcq vs uniform | G_mcq vs tuned | S sft_test | G_sft vs uniform | S raw_test | G_raw vs uniform | worst MCQ domain vs base | worst raw_test rise vs base | forgotten (z > 3) | tokens | train wall s |",

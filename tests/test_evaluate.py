@@ -266,8 +266,17 @@ def test_eval_command_writes_results(tmp_path, tiny_model_dir, tiny):
     # The command's accuracy equals scoring the same subset directly.
     model, tokenizer = tiny
     items = load_mcq_file(mcq_file, 0, max_items=4, seed=0)
-    direct = mcq_accuracy(score_mcq(model, items, tokenizer, batch_size=2, pad_token_id=tokenizer.pad_token_id, env=SINGLE), 1)
+    scores = score_mcq(model, items, tokenizer, batch_size=2, pad_token_id=tokenizer.pad_token_id, env=SINGLE)
+    direct = mcq_accuracy(scores, 1)
     assert law["acc"] == pytest.approx(direct.acc[0]) and law["acc_norm"] == pytest.approx(direct.acc_norm[0])
+    acc = law["acc"]
+    assert law["acc_se"] == pytest.approx((acc * (1 - acc) / 3) ** 0.5)  # n = 4 items
+    # Per-item records, in item order: what a paired comparison of two models needs.
+    records = results["mcq_items"]["law"]
+    assert [r["index"] for r in records] == [0, 1, 2, 3] == [s.index for s in scores]
+    assert [r["pred"] for r in records] == [s.pred for s in scores] and [r["answer"] for r in records] == [i.answer for i in items]
+    assert sum(r["pred"] == r["answer"] for r in records) / 4 == pytest.approx(acc)
+    assert records[0]["logprobs"] == pytest.approx(list(scores[0].logprobs), abs=1e-5)
     assert results["macro"]["acc"] == pytest.approx((law["acc"] + science["acc"]) / 2)
     assert results["macro"]["loss"] == pytest.approx(law["loss"])
 

@@ -162,6 +162,8 @@ def run_eval(request: EvalRequest) -> dict[str, Any]:
         accuracy = mcq.mcq_accuracy(scores, len(domains))
     del model
     results = results_dict(domains, losses, accuracy)
+    if items:
+        results["mcq_items"] = mcq_item_records(domains, scores)
     results["model"] = model_cfg.path if checkpoint is None else f"{checkpoint.root}/{checkpoint.tag}"
     results["world_size"] = env.world_size
     results["zero3"] = bool(request.zero3)
@@ -187,9 +189,11 @@ def _number(value: float | None) -> float | None:
 
 
 def results_dict(domains: Domains, losses: DomainLosses | None, accuracy: mcq.McqAccuracy | None) -> dict[str, Any]:
-    """{"domains": {name: {loss, loss_se, tokens, acc, acc_norm, n}}, "macro": {loss, acc, acc_norm}}; null where not measured.
+    """{"domains": {name: {loss, loss_se, tokens, acc, acc_se, acc_norm, n}}, "macro": {loss, acc, acc_norm}}; null where
+    not measured.
 
-    loss_se: the standard error of the loss over the domain's held-out examples (eval.heldout).
+    loss_se: the standard error of the loss over the domain's held-out examples (eval.heldout); acc_se: that of
+    the accuracy over the domain's items, sqrt(acc·(1−acc)/(n−1)) (null for fewer than 2 items).
     """
     per_domain = {}
     errors = losses.se if losses is not None else None
@@ -199,6 +203,7 @@ def results_dict(domains: Domains, losses: DomainLosses | None, accuracy: mcq.Mc
             "loss_se": _number(errors[d]) if errors is not None else None,
             "tokens": int(losses.tokens[d]) if losses is not None else 0,
             "acc": _number(accuracy.acc[d]) if accuracy is not None else None,
+            "acc_se": _accuracy_se(float(accuracy.acc[d]), int(accuracy.n[d])) if accuracy is not None else None,
             "acc_norm": _number(accuracy.acc_norm[d]) if accuracy is not None else None,
             "n": int(accuracy.n[d]) if accuracy is not None else 0,
         }
@@ -209,9 +214,26 @@ def results_dict(domains: Domains, losses: DomainLosses | None, accuracy: mcq.Mc
     return {"domains": per_domain, "macro": macro}
 
 
+def _accuracy_se(acc: float, n: int) -> float | None:
+    return math.sqrt(acc * (1.0 - acc) / (n - 1)) if n >= 2 and math.isfinite(acc) else None
+
+
+def mcq_item_records(domains: Domains, scores: Sequence[mcq.ItemScore]) -> dict[str, list[dict[str, Any]]]:
+    """Per domain, one record per item (in item order): what two models scored on the same items need to be
+    compared item by item (paired), as lm-eval's --log_samples gives. `index` is the item's position in the
+    domain's scored list (the --max-items subset with its --seed, in file order)."""
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in domains.names}
+    for score in scores:
+        records[domains.names[score.domain_id]].append({
+            "index": score.index, "answer": score.answer, "pred": score.pred, "pred_norm": score.pred_norm,
+            "logprobs": [round(value, 6) for value in score.logprobs],
+        })
+    return {name: rows for name, rows in records.items() if rows}
+
+
 def print_table(results: dict[str, Any]) -> None:
     table = Table(title=f"eval: {results['model']}")
-    for column in ("domain", "loss ± se", "tokens", "acc", "acc_norm", "n"):
+    for column in ("domain", "loss ± se", "tokens", "acc ± se", "acc_norm", "n"):
         table.add_column(column, justify="left" if column == "domain" else "right")
 
     def fmt(value: Any, digits: int = 4) -> str:
@@ -219,7 +241,8 @@ def print_table(results: dict[str, Any]) -> None:
 
     for name, row in results["domains"].items():
         loss = fmt(row["loss"]) if row["loss_se"] is None else f"{row['loss']:.4f} ± {row['loss_se']:.4f}"
-        table.add_row(name, loss, fmt(row["tokens"]), fmt(row["acc"]), fmt(row["acc_norm"]), fmt(row["n"]))
+        acc = fmt(row["acc"]) if row["acc_se"] is None else f"{row['acc']:.4f} ± {row['acc_se']:.4f}"
+        table.add_row(name, loss, fmt(row["tokens"]), acc, fmt(row["acc_norm"]), fmt(row["n"]))
     macro = results["macro"]
     table.add_row("macro mean", fmt(macro["loss"]), "", fmt(macro["acc"]), fmt(macro["acc_norm"]), "", style="bold")
     Console(file=sys.stdout).print(table)

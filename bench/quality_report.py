@@ -40,6 +40,38 @@ def forgotten(doc: dict, before: dict) -> tuple[list[float], list[float]]:
     return rise, z
 
 
+def loss_item_scores(docs: Sequence[dict], metric: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per domain, the per-item loss sums [seeds, items] of one model's runs (one domain_eval document per seed)
+    and the items' scored tokens [items] (the same for every model: the same items, the same tokenizer)."""
+    per_seed = [from_json(doc, metric, qc.DOMAINS) for doc in docs]
+    sums, counts = [], []
+    for d in range(len(qc.DOMAINS)):
+        for seed in per_seed[1:]:
+            if not np.array_equal(seed[d].counts, per_seed[0][d].counts):
+                raise ValueError(f"{metric} {qc.DOMAINS[d]}: the runs were scored on different items; they cannot be paired")
+        sums.append(np.array([seed[d].sums for seed in per_seed]))
+        counts.append(per_seed[0][d].counts)
+    return sums, counts
+
+
+def item_level_replicates(models: dict[str, tuple[list[np.ndarray], list[np.ndarray]]], num_seeds: int, *,
+                          num_bootstrap: int = 10_000) -> dict[str, np.ndarray]:
+    """Per model (its per-domain item sums and counts), per-domain scores [B, D] in each bootstrap replicate, with
+    draws of seeds and items shared by every model (versatune_ds.eval.stats.bootstrap_domain_scores). A model with
+    one row per domain (the base) is not resampled over seeds."""
+    first = next(iter(models.values()))
+    draws = stats.seed_item_draws(num_seeds, [c.size for c in first[1]], num_bootstrap=num_bootstrap, seed=2411)
+    return {name: stats.bootstrap_domain_scores(sums, counts, draws) for name, (sums, counts) in models.items()}
+
+
+def worst_change(scores: np.ndarray, base: np.ndarray, higher_is_better: bool) -> np.ndarray:
+    """Per replicate, the worst domain's change vs the base: accuracy the largest drop in points (min of the
+    change), a loss the largest rise in % (max)."""
+    if higher_is_better:
+        return ((scores - base) * 100).min(axis=1)
+    return ((scores - base) / base * 100).max(axis=1)
+
+
 def verdict(ci: stats.BootstrapCI) -> str:
     """For losses: the whole 95 % interval below 0 is better, above 0 is worse, else not resolved."""
     return "better" if ci.high < 0 else "worse" if ci.low > 0 else "not resolved"
@@ -86,6 +118,10 @@ def summarise(runs_of: dict[str, list[str]], docs: dict[str, dict], before: dict
         entry["trained_token_share_mean"] = dict(zip(qc.DOMAINS, (tokens / tokens.sum(axis=1, keepdims=True)).mean(axis=0).tolist()))
         entry["trained_tokens_total_mean"] = float(tokens.sum(axis=1).mean())
         table[strategy] = entry
+    num_seeds = len(next(iter(runs_of.values())))
+    replicates = {m: item_level_replicates({"base": loss_item_scores([before], m),
+                                            **{s: loss_item_scores([docs[n]["final"] for n in names], m) for s, names in runs_of.items()}},
+                                           num_seeds) for m in METRICS}
     comparisons: dict[str, dict] = {}
     for reference in baselines:
         if reference not in per_seed:
@@ -95,10 +131,20 @@ def summarise(runs_of: dict[str, list[str]], docs: dict[str, dict], before: dict
             if strategy == reference:
                 continue
             ref, mine = per_seed[reference], per_seed[strategy]
-            comparisons[reference][strategy] = {
-                **{f"G_{m}": ci_dict(stats.paired_bootstrap_gain(mine[m], ref[m])) for m in METRICS},
-                **{f"worst_{m}_diff_pp": ci_dict(stats.paired_bootstrap_difference(mine[f"worst_{m}"], ref[f"worst_{m}"])) for m in METRICS},
-            }
+            entry = {}
+            for m in METRICS:
+                gain = stats.paired_bootstrap_gain(mine[m], ref[m])
+                diff = stats.paired_bootstrap_difference(mine[f"worst_{m}"], ref[f"worst_{m}"])
+                entry[f"G_{m}_over_seeds"] = ci_dict(gain)
+                entry[f"worst_{m}_diff_pp_over_seeds"] = ci_dict(diff)
+                # The verdicts use the interval over seeds and test items (see versatune_ds.eval.stats): the items are a
+                # sample of the domain too, and every model was scored on the same ones (paired).
+                reps = replicates[m]
+                s_mine, s_ref = reps[strategy].mean(axis=1), reps[reference].mean(axis=1)
+                entry[f"G_{m}"] = {**ci_dict(stats.percentile_ci(gain.estimate, (s_mine - s_ref) / s_ref * 100)), "interval": "seeds and items"}
+                worst = worst_change(reps[strategy], reps["base"], False) - worst_change(reps[reference], reps["base"], False)
+                entry[f"worst_{m}_diff_pp"] = {**ci_dict(stats.percentile_ci(diff.estimate, worst)), "interval": "seeds and items"}
+            comparisons[reference][strategy] = entry
     return {"strategies": table, "comparisons": comparisons, "curves": curves(runs_of, docs, before),
             "weights": {s: [weights_of(run_dirs[n]) for n in names] for s, names in runs_of.items()}}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import quality_common as qc
 from domain_eval import from_json
-from quality_report import PAPER_G_PCT, Z_FORGOTTEN, ci_dict
+from quality_report import PAPER_G_PCT, Z_FORGOTTEN, ci_dict, item_level_replicates, loss_item_scores, worst_change
 
 from versatune_ds.eval import stats
 
@@ -32,23 +32,17 @@ def _losses(doc: dict, name: str) -> np.ndarray:
 
 
 def _item_scores(paths: list[Path], metric: str) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
-    """Per domain, sums [seeds, items] and counts [items] of one model's runs (one path per seed):
-    MCQ hits (1/0, counts 1) from `versatune-ds eval`'s per-item records, or the per-item loss sums and scored
-    tokens of bench/domain_eval.py. None when an MCQ file has no per-item records (written before they existed)."""
+    """Per domain, sums [seeds, items] and counts [items] of one model's runs (one path per seed): MCQ hits (1/0,
+    counts 1) from `versatune-ds eval`'s per-item records, or bench/domain_eval.py's per-item loss sums and scored
+    tokens. None when an MCQ file has no per-item records (written before they existed)."""
     docs = [json.loads(path.read_text()) for path in paths]
-    sums, counts = [], []
-    for d in qc.DOMAINS:
-        if metric.startswith("mcq"):
-            if any("mcq_items" not in doc for doc in docs):
-                return None
-            key = "pred_norm" if metric == "mcq_norm" else "pred"
-            sums.append(np.array([[float(r[key] == r["answer"]) for r in doc["mcq_items"][d]] for doc in docs]))
-            counts.append(np.ones(sums[-1].shape[1]))
-        else:
-            items = [from_json(doc, metric, [d])[0] for doc in docs]
-            sums.append(np.array([i.sums for i in items]))
-            counts.append(items[0].counts)
-    return sums, counts
+    if not metric.startswith("mcq"):
+        return loss_item_scores(docs, metric)
+    if any("mcq_items" not in doc for doc in docs):
+        return None
+    key = "pred_norm" if metric == "mcq_norm" else "pred"
+    sums = [np.array([[float(r[key] == r["answer"]) for r in doc["mcq_items"][d]] for doc in docs]) for d in qc.DOMAINS]
+    return sums, [np.ones(x.shape[1]) for x in sums]
 
 
 def verdict(ci: stats.BootstrapCI, higher_is_better: bool) -> str:
@@ -99,7 +93,7 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
         entry["weights_seed0"] = {"steps": steps, "weights": weights.tolist()}
         entry["sft_val_curve_seed0"] = {str(k): v.tolist() for k, v in qc.eval_losses(work / "runs" / names[0]).items()}
         strategies[strategy] = entry
-    items = item_level_replicates(runs, evals, len(args.seeds))
+    items = replicates_per_metric(runs, evals, len(args.seeds))
     comparisons: dict[str, dict] = {}
     for reference in ("uniform", "tuned_static"):
         if reference not in per_seed:
@@ -144,29 +138,17 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
     }
 
 
-def item_level_replicates(runs: dict[str, list[str]], evals: Path, num_seeds: int, *, num_bootstrap: int = 10_000) -> dict[str, dict[str, np.ndarray]]:
-    """{metric: {model: per-domain scores [B, D] per bootstrap replicate}} with draws shared by every model (paired
-    by seed and by item), the base model included (not resampled over seeds). Metrics whose per-item files are
-    missing are left out."""
+def replicates_per_metric(runs: dict[str, list[str]], evals: Path, num_seeds: int) -> dict[str, dict[str, np.ndarray]]:
+    """{metric: {model: per-domain scores [B, D] per bootstrap replicate}}, paired by seed and item, the base model
+    included; a metric whose per-item files are missing (MCQ results written before they had items) is left out."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for metric in ("mcq", "mcq_norm", "sft_test", "raw_test"):
         kind = "mcq" if metric.startswith("mcq") else "losses"
-        base = _item_scores([evals / f"{kind}_base.json"], metric)
-        models = {strategy: _item_scores([evals / f"{kind}_{n}.json" for n in names], metric) for strategy, names in runs.items()}
-        if base is None or any(v is None for v in models.values()):
-            continue
-        draws = stats.seed_item_draws(num_seeds, [c.size for c in base[1]], num_bootstrap=num_bootstrap, seed=2411)
-        out[metric] = {"base": stats.bootstrap_domain_scores(*base, draws)}
-        out[metric].update({strategy: stats.bootstrap_domain_scores(*v, draws) for strategy, v in models.items()})
+        models = {"base": _item_scores([evals / f"{kind}_base.json"], metric)}
+        models.update({strategy: _item_scores([evals / f"{kind}_{n}.json" for n in names], metric) for strategy, names in runs.items()})
+        if all(v is not None for v in models.values()):
+            out[metric] = item_level_replicates(models, num_seeds)
     return out
-
-
-def worst_change(scores: np.ndarray, base: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """Per replicate, the worst domain's change vs the base: MCQ the largest drop in points (min of the change),
-    losses the largest rise in % (max)."""
-    if higher_is_better:
-        return ((scores - base) * 100).min(axis=1)
-    return ((scores - base) / base * 100).max(axis=1)
 
 
 def _argv() -> list[str]:

@@ -95,9 +95,22 @@ def run_logged(cmd: Sequence[str], log: Path, env: dict[str, str] | None = None)
     return time.perf_counter() - start
 
 
+# A results file's hand-written reading starts at this heading; a later run of the script keeps it and logs a warning
+# (the reading was written for the numbers of an earlier run: check it against the new ones).
+HAND_WRITTEN = "## What the numbers show (hand-written"
+
+
 def write_results(name: str, document: dict, markdown: str, *, folder: Path = RESULTS) -> Path:
-    """bench/results/<name>.json (the numbers) and <name>.md (the table people read), each written atomically."""
+    """bench/results/<name>.json (the numbers) and <name>.md (the table people read), each written atomically.
+    A hand-written reading already in <name>.md (from `HAND_WRITTEN` to the end) is carried over."""
     folder.mkdir(parents=True, exist_ok=True)
+    previous = folder / f"{name}.md"
+    if previous.is_file():
+        old = previous.read_text(encoding="utf-8")
+        if HAND_WRITTEN in old and HAND_WRITTEN not in markdown:
+            reading = old[old.index(HAND_WRITTEN):]
+            markdown = markdown.rstrip("\n") + "\n\n" + reading
+            logger.warning("%s.md: kept its hand-written reading; check it against the new numbers", name)
     for suffix, text in ((".json", json.dumps(document, indent=2) + "\n"), (".md", markdown if markdown.endswith("\n") else markdown + "\n")):
         target = folder / f"{name}{suffix}"
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")

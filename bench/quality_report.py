@@ -320,7 +320,9 @@ Command: `{out['command']}` on {m['nproc']} CPU cores, {m['ram_gib']} GiB RAM, s
 {chr(10).join(verdict_lines) or '- (versatune or a baseline was not run)'}
 
 G = (S − S_ref) / S_ref × 100 with S = mean over the 6 domains of a test loss, per seed; the estimate is G of the seed means and
-the interval a paired bootstrap over seeds (95 %, versatune_ds.eval.stats.paired_bootstrap_gain). **For losses a negative G is
+the interval a paired bootstrap over seeds **and test items** (95 %; each replicate draws one multiset of seeds and, per domain,
+one of items, the same for every model: versatune_ds.eval.stats.bootstrap_domain_scores). The test items are a sample of each
+domain too, so an interval over seeds alone is too narrow; it is kept in the JSON as `*_over_seeds`. **For losses a negative G is
 better**; "better"/"worse" = the whole interval on one side of 0. The paper reports G = **+{PAPER_G_PCT} %** for VersaTune vs uniform
 domain weights (accuracy, so positive = better; arXiv 2411.11266); our G on losses compares in sign with −{PAPER_G_PCT} %.
 

@@ -14,7 +14,8 @@
 
 Statistics (versatune_ds.eval.stats), losses: lower is better.
     S = (1/6) Σ_d loss_d (per seed);  G = (S − S_uniform) / S_uniform × 100 (the paper's formula; NEGATIVE = better
-    for losses), paired bootstrap 95 % CI over seeds; the paper reports G = +35.21 % on accuracy (positive = better).
+    for losses), paired bootstrap 95 % CI over seeds and test items; the paper reports G = +35.21 % on accuracy
+    (positive = better).
     Worst single-domain regression vs the base: max_d (loss_d − base_d) / base_d × 100 per seed (positive = worse).
     Forgotten domain: raw_test loss above the base's by > 3 paired standard errors (over passages).
 

@@ -216,6 +216,7 @@ def test_load_mcq_file_subset_and_errors(tmp_path):
     subset = load_mcq_file(path, 3, max_items=4, seed=7)
     assert len(subset) == 4 and subset == load_mcq_file(path, 3, max_items=4, seed=7)
     assert [s.index for s in subset] == [0, 1, 2, 3]
+    assert all(s.source == f"{path}:{int(s.question[1:]) + 1}" for s in subset)  # file:line, for error messages
     questions = [s.question for s in subset]
     assert questions == sorted(questions, key=lambda q: int(q[1:]))  # file order kept
     bad = tmp_path / "bad.jsonl"

@@ -33,6 +33,7 @@ per-item results are gathered, so every rank (rank 0 in particular) ends with al
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -59,6 +60,7 @@ class McqItem:
     question: str
     choices: tuple[str, ...]
     answer: int
+    source: str = ""  # "file:line", for error messages
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def load_mcq_file(path: str | Path, domain_id: int, *, max_items: int | None = N
         raise UserError(f"{path}: no multiple-choice items (expected JSON lines with question, choices, answer)")
     if max_items is not None and max_items < len(rows):
         keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:max_items])
-        rows = [McqItem(domain_id, i, rows[k].question, rows[k].choices, rows[k].answer) for i, k in enumerate(keep)]
+        rows = [dataclasses.replace(rows[k], index=i) for i, k in enumerate(keep)]
     return rows
 
 
@@ -143,7 +145,7 @@ def _parse_item(line: str, where: str, domain_id: int, index: int) -> McqItem:
         raise UserError(f"{where}: 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise UserError(f"{where}: 'answer' must be an integer index into choices (0-{len(choices) - 1}), got {answer!r}")
-    return McqItem(domain_id, index, question, tuple(choices), answer)
+    return McqItem(domain_id, index, question, tuple(choices), answer, where)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def choice_request(item: McqItem, tokenizer: PreTrainedTokenizerBase, fmt: Promp
     text = context_text(item, tokenizer, fmt)
     pairs = [encode_pair(tokenizer, text, fmt.target_delimiter + choice, add_bos=fmt.add_bos) for choice in item.choices]
     context = pairs[0][0]
-    where = f"item {item.index} of domain id {item.domain_id}"
+    where = item.source or f"item {item.index} of domain id {item.domain_id}"
     for choice, (ctx, continuation) in enumerate(pairs):
         if not continuation:
             raise UserError(f"{where}: choice {choice} tokenizes to nothing")

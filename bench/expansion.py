@@ -18,6 +18,7 @@ comparison is reported void, with the reason.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/expansion.py [--parallel 2]      # 60 steps -> expansion
     ... bench/expansion.py --steps 300 --work-dir bench/out/expansion --results-name expansion_300steps
+    ... bench/expansion.py --ramp-steps 0 --results-name expansion_noramp     # VersaTune's target at the cap from step 0
 Finished runs under the work dir made with the same flags are reused. Writes bench/results/<name>.{json,md,png}.
 """
 
@@ -156,7 +157,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    ramp = args.ramp_steps if args.ramp_steps is not None else args.steps * 3 // 4
+    default_ramp = args.steps * 3 // 4
+    ramp = args.ramp_steps if args.ramp_steps is not None else default_ramp
     started = time.perf_counter()
     work = Path(args.work_dir or qc.OUT / f"expansion_{args.steps}steps").resolve()
     base = qc.open_base(Path(args.base_dir).resolve())
@@ -169,7 +171,10 @@ def main() -> int:
         for seed in args.seeds:
             for method in METHODS:
                 name = f"{target}_{method}_s{seed}"
-                run_dir = work / "runs" / name
+                # A versatune run with another ramp than the default gets its own folder: the default's runs stay as
+                # they are, and the other methods' runs (which a ramp does not change) are shared.
+                folder = name if method != "versatune" or ramp == default_ramp else f"{target}_{method}_ramp{ramp}_s{seed}"
+                run_dir = work / "runs" / folder
                 run_dirs[name] = run_dir
                 port += 1
                 dynamic = method == "versatune"
@@ -183,7 +188,7 @@ def main() -> int:
                               "learning_rate": args.lr, "lr_scheduler": args.lr_scheduler, "warmup_steps": args.warmup, "log_every": 10},
                     "eval": {"every": args.eval_every if dynamic else args.steps, "micro_batch_size": 20, "at_start": True},
                 }
-                job = qc.train_job(work, base, name, sections, checkpoint={"every": 100_000, "keep_last": 1}, dist={"master_port": port})
+                job = qc.train_job(work, base, folder, sections, checkpoint={"every": 100_000, "keep_last": 1}, dist={"master_port": port})
                 if job is not None:  # None: finished earlier with the same flags, reused
                     jobs.append(job)
     if jobs:

@@ -72,6 +72,24 @@ def worst_change(scores: np.ndarray, base: np.ndarray, higher_is_better: bool) -
     return ((scores - base) / base * 100).max(axis=1)
 
 
+def item_level_intervals(reps: dict[str, np.ndarray], strategy: str, reference: str, means: dict[str, np.ndarray], base: np.ndarray,
+                         gain_estimate: float, higher_is_better: bool) -> tuple[stats.BootstrapCI, stats.BootstrapCI]:
+    """G of S and the worst-domain difference of `strategy` vs `reference`, with intervals over seeds and items.
+
+    `reps` are item_level_replicates' per-model scores (the base included), `means` the per-domain seed-mean scores
+    of both models and `base` the base model's. The worst domain is that of the seed-mean scores, in the estimate
+    and in every replicate alike (over seeds alone it is the mean of each seed's worst domain, which noise biases
+    upward). A replicate whose reference S is 0 (it drew only misses) has no relative gain and is left out.
+    """
+    s_mine, s_ref = reps[strategy].mean(axis=1), reps[reference].mean(axis=1)
+    usable = s_ref > 0
+    gain = stats.percentile_ci(gain_estimate, (s_mine[usable] - s_ref[usable]) / s_ref[usable] * 100)
+    estimate = float(worst_change(means[strategy][None, :], base[None, :], higher_is_better)[0]
+                     - worst_change(means[reference][None, :], base[None, :], higher_is_better)[0])
+    worst = worst_change(reps[strategy], reps["base"], higher_is_better) - worst_change(reps[reference], reps["base"], higher_is_better)
+    return gain, stats.percentile_ci(estimate, worst)
+
+
 def verdict(ci: stats.BootstrapCI) -> str:
     """For losses: the whole 95 % interval below 0 is better, above 0 is worse, else not resolved."""
     return "better" if ci.high < 0 else "worse" if ci.low > 0 else "not resolved"
@@ -139,15 +157,10 @@ def summarise(runs_of: dict[str, list[str]], docs: dict[str, dict], before: dict
                 entry[f"worst_{m}_diff_pp_over_seeds"] = ci_dict(diff)
                 # The verdicts use the interval over seeds and test items (see versatune_ds.eval.stats): the items are a
                 # sample of the domain too, and every model was scored on the same ones (paired).
-                reps = replicates[m]
-                s_mine, s_ref = reps[strategy].mean(axis=1), reps[reference].mean(axis=1)
-                entry[f"G_{m}"] = {**ci_dict(stats.percentile_ci(gain.estimate, (s_mine - s_ref) / s_ref * 100)), "interval": "seeds and items"}
-                # The worst domain of the seed-mean losses (in the estimate and in every replicate alike); over seeds alone it
-                # is the mean of each seed's worst domain, which noise biases upward.
-                means = {k: np.array([table[k][m]["loss_mean"][d] for d in qc.DOMAINS])[None, :] for k in (strategy, reference)}
-                estimate = float(worst_change(means[strategy], base[m][None, :], False)[0] - worst_change(means[reference], base[m][None, :], False)[0])
-                worst = worst_change(reps[strategy], reps["base"], False) - worst_change(reps[reference], reps["base"], False)
-                entry[f"worst_{m}_diff_pp"] = {**ci_dict(stats.percentile_ci(estimate, worst)), "interval": "seeds and items"}
+                means = {k: np.array([table[k][m]["loss_mean"][d] for d in qc.DOMAINS]) for k in (strategy, reference)}
+                gain, diff = item_level_intervals(replicates[m], strategy, reference, means, base[m], gain.estimate, False)
+                entry[f"G_{m}"] = {**ci_dict(gain), "interval": "seeds and items"}
+                entry[f"worst_{m}_diff_pp"] = {**ci_dict(diff), "interval": "seeds and items"}
             comparisons[reference][strategy] = entry
     return {"strategies": table, "comparisons": comparisons, "curves": curves(runs_of, docs, before),
             "weights": {s: [weights_of(run_dirs[n]) for n in names] for s, names in runs_of.items()}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import quality_common as qc
 from domain_eval import from_json
-from quality_report import PAPER_G_PCT, Z_FORGOTTEN, ci_dict, item_level_replicates, loss_item_scores, worst_change
+from quality_report import PAPER_G_PCT, Z_FORGOTTEN, ci_dict, item_level_intervals, item_level_replicates, loss_item_scores
 
 from versatune_ds.eval import stats
 
@@ -112,16 +112,8 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
                 entry[f"worst_{metric}_diff_over_seeds"] = {**ci_dict(diff), "verdict": verdict(diff, higher)}
                 if metric in items:
                     # The verdicts use the interval over seeds and items (see versatune_ds.eval.stats): it covers the item noise.
-                    reps = items[metric]
-                    s_mine, s_ref = reps[strategy].mean(axis=1), reps[reference].mean(axis=1)
-                    usable = s_ref > 0  # a replicate that drew only misses of the reference has no relative gain
-                    gain = stats.percentile_ci(gain.estimate, (s_mine[usable] - s_ref[usable]) / s_ref[usable] * 100)
-                    # The worst domain of the seed-mean scores, in the estimate and in every replicate alike.
-                    worst = lambda r: worst_change(r, reps["base"], higher)  # noqa: E731
-                    means = {k: np.array([strategies[k][metric]["mean"][d] for d in qc.DOMAINS])[None, :] for k in (strategy, reference)}
-                    estimate = float(worst_change(means[strategy], base[metric][None, :], higher)[0]
-                                     - worst_change(means[reference], base[metric][None, :], higher)[0])
-                    diff = stats.percentile_ci(estimate, worst(reps[strategy]) - worst(reps[reference]))
+                    means = {k: np.array([strategies[k][metric]["mean"][d] for d in qc.DOMAINS]) for k in (strategy, reference)}
+                    gain, diff = item_level_intervals(items[metric], strategy, reference, means, base[metric], gain.estimate, higher)
                 entry[f"G_{metric}"] = {**ci_dict(gain), "verdict": verdict(gain, higher), "interval": "seeds and items" if metric in items else "seeds"}
                 entry[f"worst_{metric}_diff"] = {**ci_dict(diff), "verdict": verdict(diff, higher),
                                                  "interval": "seeds and items" if metric in items else "seeds"}

@@ -231,8 +231,7 @@ def choice_logprobs(model: torch.nn.Module, requests: Sequence[ChoiceRequest], *
     whose question is longer than its answers). Equal to scoring every context + continuation row alone up
     to float rounding (tests/test_mcq.py).
     """
-    contexts = _left_padded([r.context for r in requests], pad_token_id)
-    context_mask = (torch.arange(contexts.shape[1])[None, :] >= contexts.shape[1] - torch.tensor([len(r.context) for r in requests])[:, None]).long()
+    contexts, context_mask = _padded([r.context for r in requests], pad_token_id, left=True)
     accepted = inspect.signature(model.forward).parameters
     keep = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     cache_key = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.2x
@@ -243,14 +242,8 @@ def choice_logprobs(model: torch.nn.Module, requests: Sequence[ChoiceRequest], *
         owner = torch.tensor([b for b, r in enumerate(requests) for _ in r.continuations])
         cache = out[cache_key]
         cache.batch_select_indices(owner.to(device))
-        continuations = [c for r in requests for c in r.continuations]
-        width = max(len(c) for c in continuations)
-        tokens = torch.full((len(continuations), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(tokens)
-        for k, c in enumerate(continuations):
-            tokens[k, : len(c)] = torch.tensor(c)
-            mask[k, : len(c)] = 1
-        positions = context_mask.sum(1)[owner][:, None] + torch.arange(width)[None, :]
+        tokens, mask = _padded([c for r in requests for c in r.continuations], pad_token_id, left=False)
+        positions = context_mask.sum(1)[owner][:, None] + torch.arange(tokens.shape[1])[None, :]
         logits = model(input_ids=tokens.to(device), attention_mask=torch.cat([context_mask[owner], mask], 1).to(device),
                        position_ids=positions.to(device), use_cache=True, **{cache_key: cache}).logits
         logp = torch.log_softmax(logits.float(), dim=-1)  # position j predicts token j + 1
@@ -264,12 +257,17 @@ def choice_logprobs(model: torch.nn.Module, requests: Sequence[ChoiceRequest], *
     return result
 
 
-def _left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int) -> torch.Tensor:
+def _padded(sequences: Sequence[Sequence[int]], pad_token_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, longest] padded on the left (so every row ends in the last column) or on the right, and the
+    attention mask (1 on real tokens)."""
     width = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
     for b, s in enumerate(sequences):
-        out[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-    return out
+        where = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[b, where] = torch.tensor(s, dtype=torch.long)
+        mask[b, where] = 1
+    return ids, mask
 
 
 def score_mcq(

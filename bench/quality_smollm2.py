@@ -77,8 +77,12 @@ def available_memory_gib() -> float:
 def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_gib: float) -> dict[str, float]:
     """Run tasks, up to `parallel` at a time, each once the tasks it comes after are done; a task starts only
     while MemAvailable > min_free_gib (a SmolLM2 training process holds ~3.5 GiB). Wall seconds per task are
-    saved after each one (timings.json), so a later invocation still reports them."""
+    saved after each one (timings.json), so a later invocation still reports them. A task stopped part-way (SIGTERM
+    for a quiet machine, then resumed) counts the seconds of every attempt: timings_unfinished.json holds those of
+    the attempts before, refreshed every poll."""
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    unfinished_path = timings_path.with_name("timings_unfinished.json")
+    earlier: dict[str, float] = json.loads(unfinished_path.read_text()) if unfinished_path.is_file() else {}
     by_name = {t.name: t for t in tasks}
     done = lambda name: by_name[name].done.is_file()  # noqa: E731
     pending = [t for t in tasks if not done(t.name)]
@@ -99,6 +103,8 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
             missing = {dep for t in pending for dep in t.after if not done(dep)}
             raise SystemExit(f"tasks {[t.name for t in pending]} wait for {sorted(missing)}, which nothing will produce")
         time.sleep(5.0)
+        now = time.perf_counter()
+        unfinished_path.write_text(json.dumps({**earlier, **{t.name: earlier.get(t.name, 0.0) + now - start for t, _, start, _ in running}}, indent=1))
         for item in list(running):
             task, process, start, handle = item
             if process.poll() is None:
@@ -116,13 +122,15 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
                     raise SystemExit(f"task {task.name} failed (exit {process.returncode}); log {task.log}:\n" + "\n".join(tail))
                 logger.warning("task %s failed (exit %d); retrying it once. Log tail:\n%s", task.name, process.returncode, "\n".join(tail[-3:]))
                 task.log.rename(task.log.with_suffix(f".failed{attempts[task.name]}.log"))
+                earlier[task.name] = earlier.get(task.name, 0.0) + time.perf_counter() - start
                 pending.append(task)
                 continue
-            timings[task.name] = time.perf_counter() - start
+            timings[task.name] = earlier.pop(task.name, 0.0) + time.perf_counter() - start
             timings_path.write_text(json.dumps(timings, indent=1))
             if task.cleanup is not None:
                 shutil.rmtree(task.cleanup, ignore_errors=True)
             logger.info("finished %s in %.0f s", task.name, timings[task.name])
+    unfinished_path.write_text(json.dumps(earlier, indent=1))
     return timings
 
 

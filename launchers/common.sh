@@ -85,10 +85,11 @@ supervise() {
 
 requeue_if_checkpointed() {
   [[ "$LAUNCH_RC" == "$EXIT_CHECKPOINTED" && -n "${SLURM_JOB_ID:-}" ]] || return 0
-  if scontrol requeue "$SLURM_JOB_ID"; then
-    echo "stopped with a checkpoint (exit $EXIT_CHECKPOINTED): job $SLURM_JOB_ID requeued; it continues with --resume auto" | tee -a "$LOG"
-  else
-    echo "stopped with a checkpoint (exit $EXIT_CHECKPOINTED), but scontrol requeue failed (was the job submitted with" \
-         "--requeue?): resubmit the same command with --resume auto" | tee -a "$LOG" >&2
+  # Said before asking: Slurm ends a running job's batch script as soon as it takes the requeue (seen: the job
+  # was "CANCELLED DUE TO JOB REQUEUE" in the same second), so a line printed afterwards is often never written.
+  echo "stopped with a checkpoint (exit $EXIT_CHECKPOINTED): requeueing job $SLURM_JOB_ID; it continues with --resume auto" | tee -a "$LOG"
+  if ! scontrol requeue "$SLURM_JOB_ID"; then
+    echo "scontrol requeue failed (was the job submitted with --requeue?): resubmit the same command with --resume auto" \
+      | tee -a "$LOG" >&2
   fi
 }

@@ -381,7 +381,7 @@ def test_two_node_signal_checkpoints_requeues_and_matches_uninterrupted(
 def assert_stopped_requeued_and_exact(cluster: SlurmCluster, job: int, run_dir: Path, reference: Path) -> None:
     output = (cluster.scratch / "jobs").glob(f"*-{job}.out")
     text = next(output).read_text(errors="replace")  # appended to by both runs of the job (--open-mode=append)
-    assert "exit code 75" in text and f"job {job} requeued" in text, text[-6000:]
+    assert "exit code 75" in text and f"requeueing job {job}" in text, text[-6000:]
     assert "restart 1" in text, "the requeued run did not start"
     stopped = re.search(r"stopped at step (\d+) on (SIG\w+)", text)
     assert stopped and 7 <= int(stopped.group(1)) < 40 and stopped.group(2) == "SIGUSR1", text[-6000:]

@@ -16,11 +16,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Files of multi-process tests first (real Slurm clusters, then 2-rank runs), each file kept whole. Under
     pytest-xdist's --dist loadscope the workers take files in this order, so the minute-long files start early
     and the seconds-long unit files fill in at the end, instead of two long files forming the tail."""
-    rank: dict[str, int] = {}
+    rank: dict[Path, int] = {}
     for item in items:
         kind = 0 if item.get_closest_marker("slurm") else 1 if item.get_closest_marker("dist") else 2
-        rank[item.nodeid.split("::")[0]] = min(kind, rank.get(item.nodeid.split("::")[0], 2))
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])  # stable: a file's own order is kept
+        rank[item.path] = min(kind, rank.get(item.path, 2))
+    items.sort(key=lambda item: rank[item.path])  # stable: a file's own order is kept
 
 
 # Text the tiny tokenizer is trained on: a bit of every default domain's style, code and chat markers.

@@ -85,6 +85,7 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
     earlier: dict[str, float] = json.loads(unfinished_path.read_text()) if unfinished_path.is_file() else {}
     by_name = {t.name: t for t in tasks}
     done = lambda name: by_name[name].done.is_file()  # noqa: E731
+    spent = lambda task, start: earlier.get(task.name, 0.0) + time.perf_counter() - start  # noqa: E731 (all attempts)
     pending = [t for t in tasks if not done(t.name)]
     running: list[tuple[Task, subprocess.Popen, float, object]] = []
     attempts: dict[str, int] = {}
@@ -103,8 +104,7 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
             missing = {dep for t in pending for dep in t.after if not done(dep)}
             raise SystemExit(f"tasks {[t.name for t in pending]} wait for {sorted(missing)}, which nothing will produce")
         time.sleep(5.0)
-        now = time.perf_counter()
-        unfinished_path.write_text(json.dumps({**earlier, **{t.name: earlier.get(t.name, 0.0) + now - start for t, _, start, _ in running}}, indent=1))
+        unfinished_path.write_text(json.dumps({**earlier, **{t.name: spent(t, start) for t, _, start, _ in running}}, indent=1))
         for item in list(running):
             task, process, start, handle = item
             if process.poll() is None:
@@ -122,10 +122,11 @@ def run_tasks(tasks: list[Task], parallel: int, timings_path: Path, *, min_free_
                     raise SystemExit(f"task {task.name} failed (exit {process.returncode}); log {task.log}:\n" + "\n".join(tail))
                 logger.warning("task %s failed (exit %d); retrying it once. Log tail:\n%s", task.name, process.returncode, "\n".join(tail[-3:]))
                 task.log.rename(task.log.with_suffix(f".failed{attempts[task.name]}.log"))
-                earlier[task.name] = earlier.get(task.name, 0.0) + time.perf_counter() - start
+                earlier[task.name] = spent(task, start)
                 pending.append(task)
                 continue
-            timings[task.name] = earlier.pop(task.name, 0.0) + time.perf_counter() - start
+            timings[task.name] = spent(task, start)
+            earlier.pop(task.name, None)
             timings_path.write_text(json.dumps(timings, indent=1))
             if task.cleanup is not None:
                 shutil.rmtree(task.cleanup, ignore_errors=True)

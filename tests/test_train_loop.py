@@ -150,3 +150,7 @@ def test_evaluate_reweight_checkpoint_and_resume_in_one_process(loop_config) -> 
     loss = lambda rows: [(m["step"], m.get("train/loss"), m.get("eval/law/loss")) for m in rows]  # noqa: E731
     assert loss(read_metrics(crashed_dir)) == loss(metrics)
     assert json.loads((crashed_dir / "mixture.json").read_text())["updates"] == mixture["updates"]
+    # provenance.jsonl: one record per start; the resumed start names its checkpoint.
+    starts = [json.loads(line) for line in (crashed_dir / "provenance.jsonl").read_text().splitlines()]
+    assert [s["resumed_from"] for s in starts] == [None, str(crashed_dir / "checkpoints" / "step_00000008")]
+    assert len((run_dir / "provenance.jsonl").read_text().splitlines()) == 1

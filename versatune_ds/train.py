@@ -55,6 +55,7 @@ from versatune_ds.mixture.sampler import MixtureSampler, MixtureSchedule
 from versatune_ds.preemption import NUM_FLAGS, StopControl, clear_stop_marker, write_stop_marker
 from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR, read_distribution
 from versatune_ds.protocols import Sampler, TrainingEngine, WeightPolicy
+from versatune_ds.provenance import record_start
 from versatune_ds.redaction import redact
 from versatune_ds.report import build_report
 from versatune_ds.run_lock import RunDirLock
@@ -117,10 +118,8 @@ def _train(
     check_position_limit(cfg.model, cfg.data.seq_len)
     resume_from = checkpoint.resolve_resume(run_dir, resume)
     if resume == "none" and checkpoint.find_latest(run_dir) is not None:
-        raise UserError(
-            f"--resume none, but {run_dir} already holds checkpoints; use --resume auto to continue the run, "
-            "or choose a new train.run_dir"
-        )
+        raise UserError(f"--resume none, but {run_dir} already holds checkpoints; use --resume auto to continue the run, "
+                        "or choose a new train.run_dir")
     saved = checkpoint.read_state(resume_from) if resume_from is not None else None
     batch_cfg = cfg  # cfg with the accumulation steps that keep a checkpoint's global batch on this many ranks
     if saved is not None:
@@ -146,6 +145,7 @@ def _train(
     if env.is_main:
         clear_stop_marker(run_dir)
         write_text_atomic(run_dir / "config.yaml", redact(config_to_yaml(cfg)))
+        record_start(run_dir, resumed_from=resume_from, world_size=env.world_size)  # provenance.jsonl: who made each segment
 
     # 3. Mixture: the probed distribution, the weight policy, the sampler.
     distribution = initial_distribution(cfg, env, run_dir, domains, tokenizer)

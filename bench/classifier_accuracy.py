@@ -215,7 +215,8 @@ def main() -> int:
     args.work_dir = args.work_dir.resolve()  # the run config names its files by absolute path
     prepared = prepare(args.data_dir, args.work_dir)
     niceness = os.nice(0)  # recorded as run, with the thread count: both shape the timings on a shared machine
-    prefix = f"PYTHONPATH=. OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} " + (f"nice -n {niceness} " if niceness else "")
+    threads_env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    prefix = f"PYTHONPATH=. {threads_env}" + (f"nice -n {niceness} " if niceness else "")
     result: dict = {"command": prefix + ".venv/bin/python bench/classifier_accuracy.py " + " ".join(sys.argv[1:]), "niceness": niceness,
                     "data_dir": str(args.data_dir), "domains": list(DOMAINS), "threads": args.threads, "targets": TARGETS,
                     "num_test": {name: len(rows) for name, (_, rows) in prepared["tests"].items()}, "kinds": {}}

@@ -291,3 +291,15 @@ def test_item_weights_give_token_shares() -> None:
     assert token_share == pytest.approx(token_weights)
     with pytest.raises(MixtureError, match="domain 1"):
         item_weights_from_token_weights([0.5, 0.5], [10.0, 0.0])
+
+
+def test_the_config_defaults_of_the_update_rule_are_the_rules_own() -> None:
+    # MixtureConfig (what a user leaves out) and UpdateRule (what the library assumes) spell the same defaults twice:
+    # the config layer does not import the mixture package. This keeps the two from drifting apart.
+    import dataclasses
+
+    from versatune_ds.config.schema import MixtureConfig
+
+    config_defaults = {f.name: f.default for f in dataclasses.fields(MixtureConfig)}
+    for field in dataclasses.fields(UpdateRule):
+        assert config_defaults[field.name] == field.default, field.name

@@ -294,8 +294,8 @@ def test_item_weights_give_token_shares() -> None:
 
 
 def test_the_config_defaults_of_the_update_rule_are_the_rules_own() -> None:
-    # MixtureConfig (what a user leaves out) and UpdateRule (what the library assumes) spell the same defaults twice:
-    # the config layer does not import the mixture package. This keeps the two from drifting apart.
+    # MixtureConfig (what a user leaves out) takes its rule defaults from UpdateRule (what the library assumes);
+    # this fails if someone types a default into the config again and it drifts.
     import dataclasses
 
     from versatune_ds.config.schema import MixtureConfig

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 from versatune_ds.errors import UserError
 from versatune_ds.mixture.composition import STRATEGIES  # the one list of strategy names
-from versatune_ds.mixture.rules import RULES
+from versatune_ds.mixture.rules import RULES, UpdateRule
 
 DEFAULT_DOMAIN_NAMES: tuple[str, ...] = ("law", "medicine", "finance", "science", "code", "general")
 
@@ -120,14 +120,15 @@ class MixtureConfig:
     weights: Mapping[str, float] | None = None  # strategy `fixed`
     distribution: str | None = None  # a probe/distribution.json to use instead of running the probe
     block_size: int = 256  # samples per sampler block; weight changes start at a block boundary
-    rule: str = "versatune"  # versatune | official (the released code's rule, for comparison)
-    alpha: float = 1.0
-    beta: float = 1.0
-    eta: float = 1.0
-    smoothing: float = 0.1
-    floor: float = 0.01
-    max_change: float | None = 0.2
-    noise_k: float = 2.0  # γ and φ ignore loss differences within noise_k standard errors (0: the published rule)
+    # The update rule's knobs; their defaults are the rule's own (mixture.rules.UpdateRule), spelled once.
+    rule: str = UpdateRule.rule  # versatune | official (the released code's rule, for comparison)
+    alpha: float = UpdateRule.alpha
+    beta: float = UpdateRule.beta
+    eta: float = UpdateRule.eta
+    smoothing: float = UpdateRule.smoothing
+    floor: float = UpdateRule.floor
+    max_change: float | None = UpdateRule.max_change
+    noise_k: float = UpdateRule.noise_k  # γ and φ ignore loss differences within noise_k standard errors (0: the published rule)
     warmup_steps: int = 0
     reference_model: str | None = None
     reference_losses: Mapping[str, float] | None = None

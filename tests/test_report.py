@@ -91,3 +91,21 @@ def test_report_survives_broken_json(tmp_path, bad):
     (run / "mixture.json").write_text(bad)
     text = report.build_report(run).read_text()
     assert "| code | 0.2000 | 0.2000 |" in text  # fell back to the metrics log
+
+
+def test_report_lists_the_software_of_every_start(tmp_path):
+    run = make_run(tmp_path / "run")
+    text = report.build_report(run).read_text()
+    assert "No provenance.jsonl" in text
+    starts = [
+        {"started_at": "2026-12-02T01:26:00+0000", "resumed_from": None, "world_size": 2, "versatune_ds": "0.1.0",
+         "source": {"commit": "0123456789abcdef", "dirty": False}, "torch": "2.13.0", "deepspeed": "0.19.8",
+         "transformers": "5.24.0", "host": "node1", "slurm_job_id": "77"},
+        {"started_at": "2026-12-02T03:00:00+0000", "resumed_from": str(run / "checkpoints" / "step_00000020"), "world_size": 4,
+         "versatune_ds": "0.1.0", "source": {"commit": "fedcba9876543210", "dirty": True}, "torch": "2.13.0",
+         "deepspeed": "0.19.8", "transformers": "5.24.0", "host": "node2", "slurm_job_id": None},
+    ]
+    (run / "provenance.jsonl").write_text("".join(json.dumps(s) + "\n" for s in starts) + '{"torn')
+    text = report.build_report(run).read_text()
+    assert "| 2026-12-02T01:26:00+0000 | fresh start | 2 | 0.1.0 (0123456789) | 2.13.0 | 0.19.8 | 5.24.0 | node1 | 77 |" in text
+    assert "| step_00000020 | 4 | 0.1.0 (fedcba9876, uncommitted changes) |" in text and "| node2 | - |" in text

@@ -19,8 +19,6 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-
 from versatune_ds import __version__
 
 PROVENANCE_FILE = "provenance.jsonl"
@@ -54,6 +52,8 @@ def library_versions() -> dict[str, str | None]:
 
 def start_record(*, resumed_from: Path | None, world_size: int) -> dict[str, object]:
     """The record of one start of `train` on this machine, now."""
+    import torch  # here, not at the top: the report reads PROVENANCE_FILE and must not pay for torch
+
     package_dir = Path(__file__).resolve().parent
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -67,6 +67,22 @@ def start_record(*, resumed_from: Path | None, world_size: int) -> dict[str, obj
         "host": socket.gethostname(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
+
+
+def read_starts(run_dir: Path) -> list[dict]:
+    """The records of RUN_DIR/provenance.jsonl, oldest first; a torn or foreign line is left out."""
+    path = run_dir / PROVENANCE_FILE
+    if not path.is_file():
+        return []
+    starts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            starts.append(record)
+    return starts
 
 
 def record_start(run_dir: Path, *, resumed_from: Path | None, world_size: int) -> dict[str, object]:

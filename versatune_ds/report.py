@@ -7,7 +7,8 @@ mixture.json, metrics.jsonl. Writes into <run_dir>/report/:
 - eval_loss.png          per-domain held-out loss over steps (metrics `eval/<d>/loss`)
 - train_loss.png         training loss over steps (metrics `train/loss`)
 - probe_distribution.png the probed distribution with its bootstrap CI
-- summary.md             config highlights, the probe table, initial vs final weights, first vs last eval loss
+- summary.md             config highlights, the probe table, initial vs final weights, first vs last eval loss,
+                         and the software of every start of the run (provenance.jsonl)
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, so no global backend state).
 A plot whose data is missing is skipped and the summary says so. Also called by `train` at the end.
@@ -27,6 +28,7 @@ import yaml
 
 from versatune_ds.files import write_bytes_atomic, write_text_atomic
 from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR
+from versatune_ds.provenance import read_starts
 
 logger = logging.getLogger(__name__)
 
@@ -261,10 +263,30 @@ def render_summary(run: Path, config: dict, distribution: dict | None, mixture_d
     train_steps, train_losses = metric_series(records, "train/loss")
     if train_losses:
         lines += ["", f"Training loss: {train_losses[0]:.4f} at step {train_steps[0]:g} -> {train_losses[-1]:.4f} at step {train_steps[-1]:g}."]
-    lines += ["", "## Plots", ""]
+    lines += ["", *software_section(read_starts(run))]
+    lines += ["## Plots", ""]
     for title, path in images.items():
         lines.append(f"### {title}\n\n![{title}]({path.name})\n" if path else f"### {title}\n\n(no data)\n")
     return "\n".join(lines) + "\n"
+
+
+def software_section(starts: list[dict]) -> list[str]:
+    """One table row per start of `train` (provenance.jsonl): what made each segment of the run."""
+    lines = ["## Software of each start (provenance.jsonl)", ""]
+    if not starts:
+        return lines + ["No provenance.jsonl (a run made before versatune-ds recorded it).", ""]
+    lines += ["| started | resumed from | ranks | versatune-ds | torch | deepspeed | transformers | host | Slurm job |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for start in starts:
+        source = start.get("source") if isinstance(start.get("source"), dict) else None
+        version = str(start.get("versatune_ds", "?"))
+        if source:
+            version += f" ({str(source.get('commit', '?'))[:10]}{', uncommitted changes' if source.get('dirty') else ''})"
+        resumed = Path(start["resumed_from"]).name if start.get("resumed_from") else "fresh start"
+        cells = [start.get("started_at"), resumed, start.get("world_size"), version, start.get("torch"), start.get("deepspeed"),
+                 start.get("transformers"), start.get("host"), start.get("slurm_job_id")]
+        lines.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
+    return lines + [""]
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ from domain_eval import from_json
 from quality_report import PAPER_G_PCT, Z_FORGOTTEN, ci_dict, item_level_intervals, item_level_replicates, loss_item_scores
 
 from versatune_ds.eval import stats
+from versatune_ds.provenance import read_starts
 
 SCORES = ("mcq", "sft_test", "raw_test")  # accuracy (higher = better), then two losses (lower = better)
 
@@ -128,6 +129,8 @@ def summarise(runs: dict[str, list[str]], work: Path, args: argparse.Namespace, 
         "mcq_subset": "per domain file: sorted(np.random.default_rng(0).permutation(rows)[:N]) (versatune_ds.eval.mcq.load_mcq_file)",
         "results": strategies, "comparisons": comparisons, "tuned_static": selection,
         "timings": timings, "machine": qc.machine_info(), "versions": qc.versions(),
+        # `versions` is this checkout, when the report is written; each run's own starts say what trained it.
+        "run_provenance": {n: read_starts(work / "runs" / n) for names in runs.values() for n in names},
         "formulas": {"S": "S = (1/6) * sum_d s_d per seed", "G": "G = (S - S_ref) / S_ref * 100 of the seed means; paired bootstrap 95 % CI over seeds and items "
                           "(versatune_ds.eval.stats.bootstrap_domain_scores; the CI over seeds alone is kept as *_over_seeds)",
                      "paper": f"G = +{PAPER_G_PCT} % (VersaTune vs uniform domain weights, benchmark accuracy; arXiv 2411.11266)"},
@@ -200,6 +203,19 @@ def plot(results: dict, path: Path, dynamic: tuple[str, ...]) -> None:
     figure.savefig(str(path), dpi=90)
 
 
+def provenance_line(starts_by_run: dict[str, list[dict]]) -> str:
+    """Which code trained the runs, from their provenance.jsonl (runs made before it existed are named as such)."""
+    by_source: dict[str, list[str]] = {}
+    for name, starts in starts_by_run.items():
+        for start in starts or [{}]:
+            source = start.get("source") if isinstance(start.get("source"), dict) else None
+            key = (f"commit {str(source.get('commit'))[:10]}" + (" with uncommitted changes" if source.get("dirty") else "")) if source \
+                else ("an installed versatune-ds " + str(start.get("versatune_ds")) if start else "no record (trained before runs kept provenance.jsonl)")
+            by_source.setdefault(key, []).append(name)
+    parts = [f"{key}: {', '.join(sorted(set(names)))}" for key, names in sorted(by_source.items())]
+    return "Trained by (each run's provenance.jsonl, one entry per start): " + ("; ".join(parts) if parts else "no runs") + "."
+
+
 def _ci(c: dict, unit: str = "%") -> str:
     return f"{c['estimate']:+.2f} {unit} [{c['low']:+.2f}, {c['high']:+.2f}]"
 
@@ -240,6 +256,7 @@ def markdown(results: dict, name: str) -> str:
     return "\n".join([
         f"# Quality, tier 2: SmolLM2-135M-Instruct on ../shared/data ({name})", "",
         f"Command: `{results['command']}`; machine {results['machine']}; versions {results['versions']}; seeds {results['seeds']}.", "",
+        provenance_line(results.get("run_provenance", {})), "",
         "## Does VersaTune beat uniform mixing, and the tuned static mix?", "",
         *(headline or ["- (versatune or a baseline was not run)"]), "",
         f"G = (S − S_ref) / S_ref × 100, S = mean over the 6 domains per seed. Intervals: paired bootstrap 95 % over the "

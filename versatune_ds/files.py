@@ -48,6 +48,23 @@ def write_json_atomic(path: str | os.PathLike[str], document: Any, *, indent: in
     return write_text_atomic(path, json.dumps(document, indent=indent, allow_nan=False) + "\n")
 
 
+def read_json_objects(path: str | os.PathLike[str]) -> list[dict]:
+    """The JSON objects of a JSON-lines file a run appends to, in order; [] when it does not exist. A line that is
+    not a JSON object (a torn last line after a crash, a foreign line) is left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    objects = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            objects.append(record)
+    return objects
+
+
 def write_folder_atomic(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)`, then rename the finished folder to `path`, replacing an older one.
 

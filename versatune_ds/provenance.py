@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from versatune_ds import __version__
+from versatune_ds.files import read_json_objects
 
 PROVENANCE_FILE = "provenance.jsonl"
 LIBRARIES = ("torch", "deepspeed", "transformers")
@@ -71,18 +72,7 @@ def start_record(*, resumed_from: Path | None, world_size: int) -> dict[str, obj
 
 def read_starts(run_dir: Path) -> list[dict]:
     """The records of RUN_DIR/provenance.jsonl, oldest first; a torn or foreign line is left out."""
-    path = run_dir / PROVENANCE_FILE
-    if not path.is_file():
-        return []
-    starts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            starts.append(record)
-    return starts
+    return read_json_objects(run_dir / PROVENANCE_FILE)
 
 
 def record_start(run_dir: Path, *, resumed_from: Path | None, world_size: int) -> dict[str, object]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from versatune_ds.files import write_bytes_atomic, write_text_atomic
+from versatune_ds.files import read_json_objects, write_bytes_atomic, write_text_atomic
 from versatune_ds.probe.distribution import DISTRIBUTION_FILE, PROBE_DIR
 from versatune_ds.provenance import read_starts
 
@@ -37,17 +37,7 @@ REPORT_DIR = "report"
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl records that have a step; a torn last line (run still writing / crashed) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-    return records
+    return [record for record in read_json_objects(path) if isinstance(record.get("step"), (int, float))]
 
 
 def metric_series(records: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -207,13 +207,18 @@ def provenance_line(starts_by_run: dict[str, list[dict]]) -> str:
     """Which code trained the runs, from their provenance.jsonl (runs made before it existed are named as such)."""
     by_source: dict[str, list[str]] = {}
     for name, starts in starts_by_run.items():
-        for start in starts or [{}]:
-            source = start.get("source") if isinstance(start.get("source"), dict) else None
-            key = (f"commit {str(source.get('commit'))[:10]}" + (" with uncommitted changes" if source.get("dirty") else "")) if source \
-                else ("an installed versatune-ds " + str(start.get("versatune_ds")) if start else "no record (trained before runs kept provenance.jsonl)")
+        for key in [_trained_by(start) for start in starts] or ["no record (trained before runs kept provenance.jsonl)"]:
             by_source.setdefault(key, []).append(name)
     parts = [f"{key}: {', '.join(sorted(set(names)))}" for key, names in sorted(by_source.items())]
     return "Trained by (each run's provenance.jsonl, one entry per start): " + ("; ".join(parts) if parts else "no runs") + "."
+
+
+def _trained_by(start: dict) -> str:
+    """One start's code: its git commit, or the installed version when it ran from a wheel."""
+    source = start.get("source")
+    if not isinstance(source, dict):
+        return f"an installed versatune-ds {start.get('versatune_ds')}"
+    return f"commit {str(source.get('commit'))[:10]}" + (" with uncommitted changes" if source.get("dirty") else "")
 
 
 def _ci(c: dict, unit: str = "%") -> str:

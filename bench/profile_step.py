@@ -26,6 +26,9 @@ time, not in this column. Host
 syncs: `aten::_local_scalar_dense` events (`.item()`, `float(t)`, `bool(t)`), counted per range -- free on CPU,
 a device-to-host wait each on a GPU. Time outside every event (Python between ranges) is "untraced".
 
+The JSON keeps, for every range, the ops with the most self time in it (`top_ops_ms_per_step`): e.g. whether a
+ZeRO-3 range's time is its copies (`aten::cat`, `aten::copy_`) or the range's own wait for a collective.
+
 The profiler slows op-heavy code down: the table gives the profiled and the unprofiled wall time per step.
 Results: bench/results/<results-name>.{json,md}. It is a measurement: run it on a quiet machine.
 """
@@ -50,6 +53,7 @@ from peer_throughput import WORK, cuda_available, ensure_model, free_port, selec
 
 COMM_PATTERN = re.compile(r"all_gather|allgather|reduce_scatter|all_reduce|allreduce|broadcast|barrier|gloo|nccl|c10d::|record_param_comms", re.I)
 SYNC_OP = "aten::_local_scalar_dense"
+TOP_OPS = 8  # the ops with the most self time in each range, kept in the JSON (where a range's time goes)
 BACKWARD_PREFIX = "autograd::engine::evaluate_function: "
 # Rows of the table, in this order; anything else found is appended.
 ORDER = (
@@ -207,10 +211,12 @@ def attribute(events: Any, window_us: float, steps: int) -> dict:
     self_us: dict[str, float] = defaultdict(float)
     comm_us: dict[str, float] = defaultdict(float)
     syncs: dict[str, int] = defaultdict(int)
+    op_us: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     comm_root: dict[int, bool] = {}
     for event in ordered:
         label = label_of[id(event)]
         self_us[label] += event.self_cpu_time_total
+        op_us[label][event.name] += event.self_cpu_time_total
         parent = event.cpu_parent
         in_comm = bool(COMM_PATTERN.search(event.name)) or (parent is not None and comm_root.get(id(parent), False))
         comm_root[id(event)] = in_comm
@@ -224,7 +230,9 @@ def attribute(events: Any, window_us: float, steps: int) -> dict:
     total = sum(self_us.values())
     return {
         "rows": [{"what": n, "ms_per_step": self_us[n] / 1e3 / steps, "share": self_us[n] / total if total else 0.0,
-                  "comm_ms_per_step": comm_us[n] / 1e3 / steps, "host_syncs_per_step": syncs[n] / steps} for n in names],
+                  "comm_ms_per_step": comm_us[n] / 1e3 / steps, "host_syncs_per_step": syncs[n] / steps,
+                  "top_ops_ms_per_step": {op: us / 1e3 / steps for op, us in sorted(op_us[n].items(), key=lambda kv: -kv[1])[:TOP_OPS]}}
+                 for n in names],
         "total_ms_per_step": total / 1e3 / steps, "events": len(events),
     }
 

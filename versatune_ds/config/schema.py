@@ -209,7 +209,8 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class ClassifierConfig:
     # tfidf (TF-IDF + logistic regression trained with style augmentation and a fitted temperature) | tfidf_plain
-    # (the recipe before that) | embed_blend (tfidf x a sentence-embedding model; the `embed` extra) | llm_judge
+    # (the recipe before that) | embed_blend (tfidf x a sentence-embedding model; the `embed` extra) | tfidf_zeroshot
+    # (tfidf x the embedding similarity of each text to the domain names; the `embed` extra) | llm_judge
     kind: str = "tfidf"
     path: str | None = None  # a saved classifier to reuse
     judge_model: str | None = None
@@ -266,7 +267,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.on_nonfinite": ("skip", "stop"),
     "dist.backend": ("auto", "nccl", "gloo"),
     "probe.mode": ("replica", "zero3"),
-    "classifier.kind": ("tfidf", "tfidf_plain", "embed_blend", "llm_judge"),
+    "classifier.kind": ("tfidf", "tfidf_plain", "embed_blend", "tfidf_zeroshot", "llm_judge"),
     "classifier.estimator": ("mean", "hard", "adjusted"),
     "export.dtype": ("auto", "bf16", "fp16", "fp32"),
 }

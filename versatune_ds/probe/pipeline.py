@@ -102,9 +102,9 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     Returns p (and CI) on every rank; files go to <run_dir>/probe/.
     """
     if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind == "llm_judge":
-        raise UserError("classifier.estimator=adjusted needs a trained classifier (classifier.kind=tfidf, tfidf_plain or "
-                        "embed_blend: its held-out confusion); use mean or hard with llm_judge")
-    if cfg.classifier.kind == "embed_blend" and not embedder_available():
+        raise UserError("classifier.estimator=adjusted needs a trained classifier (classifier.kind=tfidf, tfidf_plain, "
+                        "embed_blend or tfidf_zeroshot: its held-out confusion); use mean or hard with llm_judge")
+    if cfg.classifier.kind in ("embed_blend", "tfidf_zeroshot") and not embedder_available():
         raise UserError(INSTALL_HINT)  # before the generations, not after
     domains = Domains(cfg.domain_names)
     probe_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir) / PROBE_DIR

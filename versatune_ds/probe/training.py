@@ -44,7 +44,7 @@ CLASSIFIER_DIR = "classifier"
 CLASSIFIER_REPORT_FILE = "classifier_report.json"
 TRAINED_FOR_FILE = "trained_for.json"
 HELDOUT_FRACTION = 0.2  # of the classifier's texts, per domain, for its report
-TRAINED_KINDS = ("tfidf", "tfidf_plain", "embed_blend")
+TRAINED_KINDS = ("tfidf", "tfidf_plain", "embed_blend", "tfidf_zeroshot")
 _SPLIT_STREAM = 11  # seed-sequence namespace for the classifier's hold-out split
 
 
@@ -56,7 +56,7 @@ class ProbeClassifier:
 
 
 def tfidf_settings(kind: str) -> TfidfConfig:
-    """The TF-IDF recipe of a classifier kind (embed_blend uses the default recipe for its TF-IDF part)."""
+    """The TF-IDF recipe of a classifier kind (the blends use the default recipe for their TF-IDF part)."""
     return TfidfConfig.plain() if kind == "tfidf_plain" else TfidfConfig()
 
 
@@ -135,11 +135,12 @@ def _train_and_report(kind: str, corpus: ClassifierCorpus, domain_names: Sequenc
     classifier: DomainClassifier = train_tfidf_classifier(
         train_texts, corpus.labels[train_ids], len(domain_names), seed=seed, config=tfidf_settings(kind),
         domain_names=domain_names, segments=[corpus.segments[i] for i in train_ids])
-    if kind == "embed_blend":
+    if kind in ("embed_blend", "tfidf_zeroshot"):
         from versatune_ds.probe.embedding import train_blended_classifier
 
         assert isinstance(classifier, TfidfDomainClassifier)
-        classifier = train_blended_classifier(classifier, train_texts, corpus.labels[train_ids], seed=seed)
+        classifier = train_blended_classifier(classifier, train_texts, corpus.labels[train_ids], seed=seed,
+                                              zero_shot=kind == "tfidf_zeroshot")
     train_seconds = time.perf_counter() - started
     folder = probe_dir / CLASSIFIER_DIR
     if folder.exists():  # another kind's files must not be picked up by load_classifier

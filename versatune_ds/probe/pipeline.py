@@ -46,6 +46,7 @@ from versatune_ds.probe.judge import LlmJudgeClassifier
 from versatune_ds.probe.training import (  # noqa: F401 (re-exported: the probe's files and split)
     CLASSIFIER_DIR,
     CLASSIFIER_REPORT_FILE,
+    EMBEDDING_KINDS,
     HELDOUT_FRACTION,
     heldout_split,
     probe_classifier,
@@ -104,7 +105,7 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind == "llm_judge":
         raise UserError("classifier.estimator=adjusted needs a trained classifier (classifier.kind=tfidf, tfidf_plain, "
                         "embed_blend or tfidf_zeroshot: its held-out confusion); use mean or hard with llm_judge")
-    if cfg.classifier.kind in ("embed_blend", "tfidf_zeroshot") and not embedder_available():
+    if cfg.classifier.kind in EMBEDDING_KINDS and not embedder_available():
         raise UserError(INSTALL_HINT)  # before the generations, not after
     domains = Domains(cfg.domain_names)
     probe_dir = Path(run_dir if run_dir is not None else cfg.train.run_dir) / PROBE_DIR

@@ -45,6 +45,7 @@ CLASSIFIER_REPORT_FILE = "classifier_report.json"
 TRAINED_FOR_FILE = "trained_for.json"
 HELDOUT_FRACTION = 0.2  # of the classifier's texts, per domain, for its report
 TRAINED_KINDS = ("tfidf", "tfidf_plain", "embed_blend", "tfidf_zeroshot")
+EMBEDDING_KINDS = ("embed_blend", "tfidf_zeroshot")  # TF-IDF blended with an expert on MiniLM embeddings (the `embed` extra)
 _SPLIT_STREAM = 11  # seed-sequence namespace for the classifier's hold-out split
 
 
@@ -135,7 +136,7 @@ def _train_and_report(kind: str, corpus: ClassifierCorpus, domain_names: Sequenc
     classifier: DomainClassifier = train_tfidf_classifier(
         train_texts, corpus.labels[train_ids], len(domain_names), seed=seed, config=tfidf_settings(kind),
         domain_names=domain_names, segments=[corpus.segments[i] for i in train_ids])
-    if kind in ("embed_blend", "tfidf_zeroshot"):
+    if kind in EMBEDDING_KINDS:
         from versatune_ds.probe.embedding import train_blended_classifier
 
         assert isinstance(classifier, TfidfDomainClassifier)

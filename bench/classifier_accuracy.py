@@ -166,7 +166,7 @@ def markdown(result: dict) -> str:
              f"Data: {result['data_dir']}; training files: 80 % of every domain's sft/ rows and raw/ passages (seed {SEED}); "
              f"test: held-out raw {result['num_test']['raw']}, held-out sft {result['num_test']['sft']}, eval MCQ "
              f"{result['num_test']['mcq']} (never trained on, never used for any choice).  ",
-             f"Machine: {result['machine']['nproc']} cores shared with other jobs, load average at the end "
+             f"Machine: {result['machine']['nproc']} cores, load average at the end "
              f"{result['machine']['load_avg_at_end']}; classify ran with OMP_NUM_THREADS={result['threads']} at niceness {result.get('niceness', 10)}.", "",
              "| kind | raw | sft | MCQ | MCQ law | med | fin | sci | code | gen | ECE raw / sft / MCQ | train s | train texts |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -111,6 +111,7 @@ def main() -> int:
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda")
     parser.add_argument("--results-name", default="probe_fidelity", help="bench/results/<name>.{json,md}")
+    parser.add_argument("--classifier-kind", default="tfidf", help="classifier.kind of the probe (default: the product's default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not (DATA / "raw").is_dir():
@@ -131,7 +132,7 @@ def main() -> int:
         "data": {"domains": [{"name": n, "train": [str(DATA / "sft" / f"{n}.jsonl")], "raw": [str(DATA / "raw" / f"{n}.jsonl")]} for n in names]},
         "train": {"run_dir": str(work / "run"), "seed": args.probe_seed},
         "probe": {"num_samples": args.num_samples, "max_new_tokens": args.max_new_tokens, "batch_size": 64, "mode": "replica"},
-        "classifier": {"num_bootstrap": 1000},
+        "classifier": {"num_bootstrap": 1000, "kind": args.classifier_kind},
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     cfg = load_config(work / "config.yaml")
@@ -168,6 +169,7 @@ def main() -> int:
     l1 = float(np.abs(result.p - TRUTH).sum())
     out = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python bench/probe_fidelity.py " + " ".join(sys.argv[1:]),
+        "classifier_kind": args.classifier_kind,
         "truth": dict(zip(names, TRUTH.tolist())),
         "measured_p": dict(zip(names, result.p.tolist())),
         "ci_low": dict(zip(names, result.ci_low.tolist())),
@@ -211,7 +213,7 @@ Tiny Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}) pret
 {training['steps']} steps ({training['seconds']:.0f} s, batch {args.batch_size} x <= {args.seq_len} tokens, final loss
 {training['final_loss']:.2f}, {training['device']}) on BOS + raw document + EOS, documents drawn with the truth shares.
 Probe: {result.num_texts} generations x <= {args.max_new_tokens} new tokens (mean {out['mean_generated_tokens']:.1f}),
-temperature 1, top-p 1, repetition penalty 1.1; TF-IDF classifier on sft + raw (80 %). Seeds: model/data {args.seed},
+temperature 1, top-p 1, repetition penalty 1.1; classifier.kind={args.classifier_kind} on sft + raw (80 %). Seeds: model/data {args.seed},
 probe {args.probe_seed}. Wall {out['wall_seconds']:.0f} s (probe incl. classifier training {probe_seconds:.0f} s), {out['machine']}.
 
 | domain | truth | measured p (mean prob.) | 95 % bootstrap CI | hard-label share | oracle (classifier floor) | adjusted estimator |

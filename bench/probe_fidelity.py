@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import yaml
 
+from common import write_results  # bench/common.py (this script's folder is on sys.path)
+
 from versatune_ds.config.loading import load_config
 from versatune_ds.config.schema import DEFAULT_DOMAIN_NAMES
 from versatune_ds.dist import DistEnv
@@ -39,7 +41,6 @@ from versatune_ds.tiny_model import build_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("VERSATUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
-RESULTS = REPO / "bench" / "results"
 TRUTH = np.array([0.40, 0.20, 0.15, 0.10, 0.10, 0.05])  # in DEFAULT_DOMAIN_NAMES order
 
 logger = logging.getLogger("probe_fidelity")
@@ -92,6 +93,55 @@ def pretrain(model_dir: Path, docs: list[list[str]], args: argparse.Namespace) -
             logger.info("pretrain step %d loss %.3f (%.0f s)", step, np.mean(losses[-50:]), time.perf_counter() - start)
     model.save_pretrained(model_dir, safe_serialization=True)
     return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-20:])), "device": str(device)}
+
+
+def first_token_mixture(model_dir: Path, docs: list[list[str]], iterations: int = 5000) -> dict:
+    """A classifier-free reading of the base's own mixture: how well does the model reproduce the truth at the first
+    token of a document?
+
+    Each domain d has a first-token distribution f_d over the vocabulary (the first token after BOS of its
+    documents, as pretraining encoded them). A model that learned the mixture exactly has the next-token
+    distribution q = sum_d truth_d f_d after BOS. We compute q exactly (one forward pass, no sampling) and fit the
+    mixture weights pi that best explain it (EM for the weights of a mixture with known components, i.e. maximum
+    likelihood of q's mass under sum_d pi_d f_d). On the exact truth mixture this returns the truth (checked below);
+    on the model it tells how far the base's generations start from the truth, without any classifier. It is an
+    estimate, not a bound: it assumes the model's first tokens given the domain still follow f_d.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    counts = np.zeros((len(docs), vocab))
+    for d, texts in enumerate(docs):
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids:
+                counts[d, ids[0]] += 1
+    # A small pseudo-count so tokens the model emits but no document starts with do not zero the likelihood.
+    components = (counts + 1e-3) / (counts + 1e-3).sum(axis=1, keepdims=True)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[tokenizer.bos_token_id]])).logits[0, -1].double()
+    q = torch.softmax(logits, dim=-1).numpy()
+    truth_mix = TRUTH @ components
+
+    def fit(target: np.ndarray) -> np.ndarray:
+        pi = np.full(len(docs), 1.0 / len(docs))
+        for _ in range(iterations):
+            responsibility = pi[:, None] * components
+            responsibility /= responsibility.sum(axis=0, keepdims=True)
+            pi = (responsibility * target[None, :]).sum(axis=1)
+            pi /= pi.sum()
+        return pi
+
+    pi_model, pi_truth = fit(q), fit(truth_mix)
+    return {
+        "pi_model": pi_model.tolist(),
+        "l1_model": float(np.abs(pi_model - TRUTH).sum()),
+        "l1_on_exact_truth_mixture": float(np.abs(pi_truth - TRUTH).sum()),  # the estimator's own error: ~0
+        "tv_first_token": float(0.5 * np.abs(q - truth_mix).sum()),
+        "mass_on_tokens_no_document_starts_with": float(q[counts.sum(axis=0) == 0].sum()),
+    }
 
 
 def main() -> int:
@@ -166,6 +216,8 @@ def main() -> int:
     adjusted = probe.adjusted_distribution(probs, confusion_mean, num_bootstrap=1000, seed=args.probe_seed)
     p_adjusted = np.asarray(adjusted.p)
 
+    first_token = first_token_mixture(model_dir, docs)
+
     l1 = float(np.abs(result.p - TRUTH).sum())
     out = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} python bench/probe_fidelity.py " + " ".join(sys.argv[1:]),
@@ -183,6 +235,8 @@ def main() -> int:
         "l1_adjusted": float(np.abs(p_adjusted - TRUTH).sum()),
         "adjusted_ci_low": dict(zip(names, adjusted.ci_low)),
         "adjusted_ci_high": dict(zip(names, adjusted.ci_high)),
+        "first_token_mixture": first_token,
+        "l1_probe_vs_first_token": float(np.abs(result.p - np.asarray(first_token["pi_model"])).sum()),
         "truth_inside_ci": int(np.sum((TRUTH >= result.ci_low) & (TRUTH <= result.ci_high))),
         "classifier_heldout_raw_accuracy": raw_report.accuracy,
         "classifier_heldout_raw_texts": raw_report.num_examples,
@@ -199,11 +253,9 @@ def main() -> int:
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "example_generations": [g["text"][:160] for g in generations[:5]],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.results_name}.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     rows = "\n".join(
         f"| {n} | {TRUTH[d]:.3f} | {result.p[d]:.3f} | [{result.ci_low[d]:.3f}, {result.ci_high[d]:.3f}] | {p_hard[d]:.3f} "
-        f"| {p_oracle[d]:.3f} | {p_adjusted[d]:.3f} |"
+        f"| {p_oracle[d]:.3f} | {p_adjusted[d]:.3f} | {first_token['pi_model'][d]:.3f} |"
         for d, n in enumerate(names)
     )
     md = f"""# Probe fidelity (known mixture -> measured distribution)
@@ -216,19 +268,26 @@ Probe: {result.num_texts} generations x <= {args.max_new_tokens} new tokens (mea
 temperature 1, top-p 1, repetition penalty 1.1; classifier.kind={args.classifier_kind} on sft + raw (80 %). Seeds: model/data {args.seed},
 probe {args.probe_seed}. Wall {out['wall_seconds']:.0f} s (probe incl. classifier training {probe_seconds:.0f} s), {out['machine']}.
 
-| domain | truth | measured p (mean prob.) | 95 % bootstrap CI | hard-label share | oracle (classifier floor) | adjusted estimator |
-|---|---|---|---|---|---|---|
+| domain | truth | measured p (mean prob.) | 95 % bootstrap CI | hard-label share | oracle (classifier floor) | adjusted estimator | base's first token (no classifier) |
+|---|---|---|---|---|---|---|---|
 {rows}
 
 **L1(p, truth) = {l1:.3f}** (mean-probability estimator; target ≤ 0.10, issue #10; an earlier issue asked < 0.15); hard-label estimator L1 = {out['l1_hard_estimator']:.3f}.
 Classifier floor (held-out raw documents drawn with the truth shares, same estimator): L1 = {out['l1_oracle_classifier_floor']:.3f}.
 With `classifier.estimator=adjusted` (adjusted classify-and-count against the classifier's held-out
 mean-probability confusion, sft + raw): L1 = {out['l1_adjusted']:.3f}.
+The base itself, read without any classifier (the mixture that best explains the model's exact next-token
+distribution after BOS, given each domain's first-token distribution; last column): L1 = {first_token['l1_model']:.3f} from the
+truth (the same fit on the exact truth mixture: {first_token['l1_on_exact_truth_mixture']:.3f}); total variation between the model's and the
+truth mixture's first-token distributions {first_token['tv_first_token']:.3f}; L1 between it and the probe's p: {out['l1_probe_vs_first_token']:.3f}.
+Where the base's own L1 is far from 0, its generations do not start with the truth shares: a probe that read every
+generation perfectly would land near that column, not on the truth (if the model's first tokens given a domain still
+follow that domain's documents, the fit's one assumption).
 Truth inside the CI for {out['truth_inside_ci']} of 6 domains.
 Classifier accuracy on held-out raw text: {raw_report.accuracy:.3f} ({raw_report.num_examples} texts);
 on all held-out classifier texts (sft + raw): {out['classifier_heldout_all_accuracy']:.3f}.
 """
-    (RESULTS / f"{args.results_name}.md").write_text(md, encoding="utf-8")
+    write_results(args.results_name, out, md)  # keeps a hand-written reading of an earlier run
     print(md)
     return 0
 

@@ -13,8 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TARGET = REPO / "BENCHMARKS.md"
-ORDER = ("quality_smollm2", "quality_smollm2_24steps", "tiny_base", "forgetting_regime", "quality_tiny", "expansion", "expansion_noramp", "expansion_300steps", "cost", "peer_throughput", "profile_compare", "profile_step", "gloo_bandwidth", "train_throughput", "gpu_throughput",
-         "eval_speed", "probe_fidelity", "probe_fidelity_gpu", "probe_fidelity_zeroshot", "classifier_accuracy", "classifier_accuracy_zeroshot", "classifier_zeroshot", "data_throughput", "sampler_cost")
+ORDER = ("quality_smollm2", "quality_smollm2_24steps", "tiny_base", "forgetting_regime", "quality_tiny", "expansion", "expansion_noramp", "expansion_300steps", "cost", "peer_throughput", "peer_throughput_persist_layers", "profile_compare", "profile_step", "gloo_bandwidth", "train_throughput", "gpu_throughput",
+         "eval_speed", "probe_fidelity", "probe_fidelity_cpu12000", "probe_fidelity_gpu", "probe_fidelity_zeroshot", "classifier_accuracy", "classifier_accuracy_zeroshot", "classifier_zeroshot", "classifier_hidden_states", "data_throughput", "sampler_cost")
 
 
 def anchor(name: str) -> str:

@@ -211,6 +211,15 @@ def main() -> int:
     rng = np.random.default_rng(args.seed + 1)
     oracle_rows = [rng.choice(np.flatnonzero(raw_labels == d)) for d in rng.choice(len(names), size=len(generations), p=TRUTH)]
     p_oracle = raw_probs[oracle_rows].mean(axis=0)
+    # The same documents cut to the generations' lengths (the i-th drawn document to the i-th generation's token
+    # count): a generation is at most max_new_tokens long, and a short text is harder to classify than a whole
+    # document, so this is the floor that a probe reading these generations can be held to.
+    from transformers import AutoTokenizer
+
+    base_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cut_texts = [base_tokenizer.decode(base_tokenizer.encode(texts[raw_test[row]], add_special_tokens=False)[: max(1, g["num_tokens"])])
+                 for row, g in zip(oracle_rows, generations)]
+    p_oracle_cut = classifier.predict_proba(cut_texts).mean(axis=0)
     # The product's `classifier.estimator=adjusted`: M from the classifier's own hold-out (sft + raw texts).
     confusion_mean = np.asarray(json.loads((work / "run" / "probe" / "classifier_report.json").read_text())["mean_probability_confusion"])
     adjusted = probe.adjusted_distribution(probs, confusion_mean, num_bootstrap=1000, seed=args.probe_seed)
@@ -231,6 +240,8 @@ def main() -> int:
         "measured_p_hard": dict(zip(names, p_hard.tolist())),
         "oracle_p": dict(zip(names, p_oracle.tolist())),
         "l1_oracle_classifier_floor": float(np.abs(p_oracle - TRUTH).sum()),
+        "oracle_cut_p": dict(zip(names, p_oracle_cut.tolist())),
+        "l1_oracle_cut_to_generation_lengths": float(np.abs(p_oracle_cut - TRUTH).sum()),
         "adjusted_p": dict(zip(names, p_adjusted.tolist())),
         "l1_adjusted": float(np.abs(p_adjusted - TRUTH).sum()),
         "adjusted_ci_low": dict(zip(names, adjusted.ci_low)),
@@ -255,7 +266,7 @@ def main() -> int:
     }
     rows = "\n".join(
         f"| {n} | {TRUTH[d]:.3f} | {result.p[d]:.3f} | [{result.ci_low[d]:.3f}, {result.ci_high[d]:.3f}] | {p_hard[d]:.3f} "
-        f"| {p_oracle[d]:.3f} | {p_adjusted[d]:.3f} | {first_token['pi_model'][d]:.3f} |"
+        f"| {p_oracle[d]:.3f} | {p_oracle_cut[d]:.3f} | {p_adjusted[d]:.3f} | {first_token['pi_model'][d]:.3f} |"
         for d, n in enumerate(names)
     )
     md = f"""# Probe fidelity (known mixture -> measured distribution)
@@ -268,12 +279,13 @@ Probe: {result.num_texts} generations x <= {args.max_new_tokens} new tokens (mea
 temperature 1, top-p 1, repetition penalty 1.1; classifier.kind={args.classifier_kind} on sft + raw (80 %). Seeds: model/data {args.seed},
 probe {args.probe_seed}. Wall {out['wall_seconds']:.0f} s (probe incl. classifier training {probe_seconds:.0f} s), {out['machine']}.
 
-| domain | truth | measured p (mean prob.) | 95 % bootstrap CI | hard-label share | oracle (classifier floor) | adjusted estimator | base's first token (no classifier) |
-|---|---|---|---|---|---|---|---|
+| domain | truth | measured p (mean prob.) | 95 % bootstrap CI | hard-label share | oracle (classifier floor) | oracle cut to the generations' lengths | adjusted estimator | base's first token (no classifier) |
+|---|---|---|---|---|---|---|---|---|
 {rows}
 
 **L1(p, truth) = {l1:.3f}** (mean-probability estimator; target ≤ 0.10, issue #10; an earlier issue asked < 0.15); hard-label estimator L1 = {out['l1_hard_estimator']:.3f}.
-Classifier floor (held-out raw documents drawn with the truth shares, same estimator): L1 = {out['l1_oracle_classifier_floor']:.3f}.
+Classifier floor (held-out raw documents drawn with the truth shares, same estimator): L1 = {out['l1_oracle_classifier_floor']:.3f};
+the same documents cut to the generations' token counts (each to one generation's length): L1 = {out['l1_oracle_cut_to_generation_lengths']:.3f}.
 With `classifier.estimator=adjusted` (adjusted classify-and-count against the classifier's held-out
 mean-probability confusion, sft + raw): L1 = {out['l1_adjusted']:.3f}.
 The base itself, read without any classifier (the mixture that best explains the model's exact next-token

@@ -105,7 +105,9 @@ def first_token_mixture(model_dir: Path, docs: list[list[str]], iterations: int 
     mixture weights pi that best explain it (EM for the weights of a mixture with known components, i.e. maximum
     likelihood of q's mass under sum_d pi_d f_d). On the exact truth mixture this returns the truth (checked below);
     on the model it tells how far the base's generations start from the truth, without any classifier. It is an
-    estimate, not a bound: it assumes the model's first tokens given the domain still follow f_d.
+    estimate, not a bound: it assumes the model's first tokens given the domain still follow f_d. Measured
+    (bench/results/probe_fidelity_cpu12000.md): the domains share most first tokens, so the fit is ill-conditioned;
+    the total variation it also reports is the steadier number.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import yaml
@@ -109,6 +110,18 @@ def recorded_command(script: str) -> str:
     threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     prefix = f"PYTHONPATH=. {threads}" + (f"nice -n {niceness} " if niceness else "")
     return prefix + f".venv/bin/python bench/{script} " + " ".join(sys.argv[1:])
+
+
+def finish(results_name: str, script: str, result: dict, started: float, render: Callable[[dict], str]) -> int:
+    """The common ending of the classifier benchmarks: the command line, machine, versions and wall time into
+    `result`, then bench/results/<results_name>.{json,md} written and the Markdown printed."""
+    result.setdefault("command", recorded_command(script))  # classifier_accuracy records it first
+    result["machine"], result["versions"] = machine_info(), versions()
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    text = render(result)
+    write_results(results_name, result, text)
+    print(text)
+    return 0
 
 
 def score(preds: list[dict]) -> dict:
@@ -240,11 +253,7 @@ def main() -> int:
             continue
         result["kinds"][kind] = run_kind(kind, prepared, args.work_dir, args.threads)
     result["coverage"] = coverage(prepared["train_texts"], prepared["tests"]["mcq"][1])
-    result["machine"], result["versions"] = machine_info(), versions()
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_results(args.results_name, result, markdown(result))
-    print(markdown(result))
-    return 0
+    return finish(args.results_name, "classifier_accuracy.py", result, started, markdown)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from classifier_accuracy import DOMAINS, SETS, TARGETS, missing_data_files, prepare, recorded_command, score
+from classifier_accuracy import DOMAINS, SETS, TARGETS, finish, missing_data_files, prepare, score
 from classifier_zeroshot import ensure_tfidf_predictions, log_softmax, predictions, training_sample
-from common import DATA, OUT, REPO, machine_info, read_jsonl, versions, write_results
+from common import DATA, OUT, REPO, read_jsonl
 
 LAYER = 12  # of SmolLM2's 30: the output of the 12th decoder layer
 MAX_TOKENS = 128  # texts are truncated to their first 128 tokens
@@ -143,12 +143,7 @@ def main() -> int:
     started = time.perf_counter()
     result = measure(args.work_dir.resolve(), args.data_dir, args.model)
     result["model"] = str(args.model)
-    result["command"] = recorded_command("classifier_hidden_states.py")
-    result["machine"], result["versions"] = machine_info(), versions()
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_results(args.results_name, result, markdown(result))
-    print(markdown(result))
-    return 0
+    return finish(args.results_name, "classifier_hidden_states.py", result, started, markdown)
 
 
 if __name__ == "__main__":

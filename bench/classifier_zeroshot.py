@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from classifier_accuracy import DOMAINS, SETS, TARGETS, missing_data_files, prepare, recorded_command, score
-from common import DATA, OUT, REPO, machine_info, read_jsonl, versions, write_results
+from classifier_accuracy import DOMAINS, SETS, TARGETS, finish, missing_data_files, prepare, score
+from common import DATA, OUT, REPO, read_jsonl
 
 SAMPLE_PER_DOMAIN = 300  # training texts per domain for tau and the cosine LR
 WEIGHT = 0.5  # the zero-shot expert's weight in the product (as embed_blend's embedding expert)
@@ -155,12 +155,7 @@ def main() -> int:
         return 0
     started = time.perf_counter()
     result = measure(args.work_dir.resolve(), args.data_dir)
-    result["command"] = recorded_command("classifier_zeroshot.py")
-    result["machine"], result["versions"] = machine_info(), versions()
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_results(args.results_name, result, markdown(result))
-    print(markdown(result))
-    return 0
+    return finish(args.results_name, "classifier_zeroshot.py", result, started, markdown)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from transformers import PreTrainedTokenizerBase
 
 from common import write_results  # bench/common.py (this script's folder is on sys.path)
 
@@ -95,7 +96,7 @@ def pretrain(model_dir: Path, docs: list[list[str]], args: argparse.Namespace) -
     return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": float(np.mean(losses[-20:])), "device": str(device)}
 
 
-def first_token_mixture(model_dir: Path, docs: list[list[str]], iterations: int = 5000) -> dict:
+def first_token_mixture(model_dir: Path, tokenizer: PreTrainedTokenizerBase, docs: list[list[str]], iterations: int = 5000) -> dict:
     """A classifier-free reading of the base's own mixture: how well does the model reproduce the truth at the first
     token of a document?
 
@@ -109,9 +110,8 @@ def first_token_mixture(model_dir: Path, docs: list[list[str]], iterations: int 
     (bench/results/probe_fidelity_cpu12000.md): the domains share most first tokens, so the fit is ill-conditioned;
     the total variation it also reports is the steadier number.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     counts = np.zeros((len(docs), vocab))
@@ -227,7 +227,7 @@ def main() -> int:
     adjusted = probe.adjusted_distribution(probs, confusion_mean, num_bootstrap=1000, seed=args.probe_seed)
     p_adjusted = np.asarray(adjusted.p)
 
-    first_token = first_token_mixture(model_dir, docs)
+    first_token = first_token_mixture(model_dir, base_tokenizer, docs)
 
     l1 = float(np.abs(result.p - TRUTH).sum())
     out = {

@@ -48,6 +48,7 @@ from versatune_ds.probe.training import (  # noqa: F401 (re-exported: the probe'
     CLASSIFIER_REPORT_FILE,
     EMBEDDING_KINDS,
     HELDOUT_FRACTION,
+    TRAINED_KINDS,
     heldout_split,
     probe_classifier,
 )
@@ -103,8 +104,8 @@ def run_probe(cfg: RunConfig, env: DistEnv, *, run_dir: str | os.PathLike[str] |
     Returns p (and CI) on every rank; files go to <run_dir>/probe/.
     """
     if cfg.classifier.estimator == "adjusted" and cfg.classifier.kind == "llm_judge":
-        raise UserError("classifier.estimator=adjusted needs a trained classifier (classifier.kind=tfidf, tfidf_plain, "
-                        "embed_blend or tfidf_zeroshot: its held-out confusion); use mean or hard with llm_judge")
+        raise UserError(f"classifier.estimator=adjusted needs a trained classifier (classifier.kind={', '.join(TRAINED_KINDS)}: "
+                        "its held-out confusion); use mean or hard with llm_judge")
     if cfg.classifier.kind in EMBEDDING_KINDS and not embedder_available():
         raise UserError(INSTALL_HINT)  # before the generations, not after
     domains = Domains(cfg.domain_names)
